@@ -1,0 +1,8 @@
+"""One Prefect flow per stage (`python -m flows.<stage>`), plus `pipeline.py` that chains them."""
+import os
+
+# Defaults for the embedded Prefect API (set before prefect is imported; the environment wins):
+# no telemetry from machines without a network, and time for the ephemeral server on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,97 @@
+"""Stage `dapt`: domain-adaptive pretraining, causal-LM loss on the packed in-domain corpus."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import Progress, metrics_table, publish_summary
+from tasks.config import load_params
+from tasks.dapt_data import corpus_rows, sample_prompts
+from tasks.errors import UserError
+from tasks.evaluate import eval_loss, generate
+from tasks.manifest import hash_obj, hash_path
+from tasks.methods import apply_method, count_parameters, get_method
+from tasks.modeling import load_causal_lm, load_tokenizer
+from tasks.packing import PadCollator
+from tasks.stage import checkpoint_dir, refuse, run_cli, run_name, summary_markdown
+from tasks.tracking import StageRecord
+from tasks.train_stage import save_stage_output, train_block
+from tasks.training import run_trainer
+
+SOURCE = "params/dapt.yaml"
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_lm(model, rows, collate, cfg) -> dict:
+    return eval_loss(model, rows, cfg.eval.batch_size, cfg.eval.max_batches, collate)
+
+
+@task(cache_policy=NO_CACHE)
+def train_lm(model, rows, collate, cfg, ckpt, seed, rec, progress):
+    count = "all" if "position_ids" in rows[0] else "non_padding"
+    return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
+                       count_tokens=count)[0]
+
+
+@flow(name="dapt", flow_run_name="dapt")
+def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_dir: str = "data/prepared",
+              out_dir: str = "models/dapt", overrides: dict | None = None):
+    try:
+        base = load_params("base", params_dir)
+        cfg = load_params("dapt", params_dir, overrides)
+        method = get_method(cfg, f"{params_dir}/dapt.yaml")
+        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+        model = load_causal_lm(input_dir, base.trust_remote_code)
+        corpus = Path(data_dir) / "corpus"
+        train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
+        val_rows = corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing)
+    except UserError as exc:
+        return refuse(exc)
+    params = {"base": base.model_dump(), "dapt": cfg.model_dump()}
+    inputs = {"model": input_dir, "corpus": str(corpus)}
+    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
+    ckpt = checkpoint_dir("dapt", params, input_hashes)
+    collate = PadCollator(tokenizer.pad_token_id)
+    prompts = sample_prompts(corpus / "validation.jsonl", cfg.eval.num_samples)
+
+    with StageRecord("dapt", experiment=base.tracking.experiment, params=params,
+                     run_name=run_name("dapt", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
+                     tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
+                           "data_hash": input_hashes["corpus"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
+        before = evaluate_lm(model, val_rows, collate, cfg)
+        gens_before = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
+        model = apply_method(model, cfg, "CAUSAL_LM", input_dir)
+        trainable, total = count_parameters(model)
+        print(f"dapt: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
+              f"({100 * trainable / total:.3f}%), {len(train_rows)} rows of {cfg.block_size} tokens")
+        summary = train_lm(model, train_rows, collate, cfg, ckpt, base.seed, rec, Progress("dapt"))
+        after = evaluate_lm(model, val_rows, collate, cfg)
+        gens_after = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
+        manifest = save_stage_output("dapt", model, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
+        metrics = {"before": before, "after": after,
+                   "train": train_block(cfg.method, summary, trainable, total, rows=len(train_rows))}
+        rec.write_metrics(metrics)
+        rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
+        rec.log_table([{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, gens_before, gens_after)],
+                      "samples.json")
+        rec.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
+        lines = {"method": cfg.method, "eval loss": f"{before['eval_loss']:.4f} -> {after['eval_loss']:.4f}",
+                 "perplexity": f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}",
+                 "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12],
+                 "data hash": input_hashes["corpus"][:12]}
+        publish_summary("dapt", summary_markdown("dapt", "domain-adaptive pretraining", lines, rec.run_url, out_dir),
+                        metrics_table(metrics))
+    print(f"dapt: eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}, perplexity "
+          f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}; {summary.tokens_per_second:.0f} tokens/s; "
+          f"-> {out_dir}")
+    return metrics
+
+
+def main() -> None:
+    run_cli(dapt_flow, precheck=lambda: get_method(load_params("dapt"), "params/dapt.yaml") and load_params("base"))
+
+
+if __name__ == "__main__":
+    main()

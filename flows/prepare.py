@@ -1,0 +1,53 @@
+"""Stage `prepare`: validate, deduplicate and split every raw data set into data/prepared/."""
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.artifacts import publish_summary
+from tasks.atomic import atomic_dir, atomic_write_json
+from tasks.config import load_params
+from tasks.errors import UserError
+from tasks.modeling import load_tokenizer
+from tasks.prepare_data import prepare_all
+from tasks.stage import refuse, run_cli, run_name, summary_markdown
+from tasks.tracking import StageRecord
+
+
+@flow(name="prepare", flow_run_name="prepare")
+def prepare_flow(params_dir: str = "params", model_dir: str = "models/base", out_dir: str = "data/prepared",
+                 overrides: dict | None = None):
+    import json
+    from pathlib import Path
+
+    try:
+        base = load_params("base", params_dir)
+        cfg = load_params("prepare", params_dir, overrides)
+        tokenizer = load_tokenizer(model_dir, base.trust_remote_code)
+        context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 10**9)
+        with atomic_dir(out_dir) as tmp:  # validation errors raise before the rename: nothing is written
+            report = prepare_all(cfg, tokenizer, context, base.seed, tmp)
+            atomic_write_json(tmp / "report.json", report)
+    except UserError as exc:
+        return refuse(exc)
+    params = {"base": base.model_dump(), "prepare": cfg.model_dump()}
+    with StageRecord("prepare", experiment=base.tracking.experiment, params=params, run_name=run_name("prepare"),
+                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+        rec.write_metrics(report)
+        for name in report["sets"]:
+            rec.log_dataset(Path(out_dir) / name / "train.jsonl", name, context="prepare")
+        table = [{"set": k, **{c: v[c] for c in ("kept", "train", "validation", "dropped")}}
+                 for k, v in report["sets"].items()]
+        publish_summary("prepare", summary_markdown("prepare", "data report", report["total"], rec.run_url, out_dir),
+                        table)
+    for row in table:
+        print(f"prepare: {row['set']:<22} kept {row['kept']:>5}  train {row['train']:>5}  "
+              f"validation {row['validation']:>4}  dropped {row['dropped']}")
+    return report
+
+
+def main() -> None:
+    run_cli(prepare_flow, precheck=lambda: (load_params("base"), load_params("prepare")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Typed, validated params: every `params/<stage>.yaml` becomes a pydantic object.
+
+An unknown key, a wrong type or an unknown method is a one-line `UserError` naming the file and the key.
+DVC tracks the same files (`params:` in dvc.yaml), so what DVC hashes is what the stage reads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import UserError
+
+METHODS = ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt", "ptuning", "ptuning_v2")
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- adaptation methods: one block each, sensible defaults -------------------------------------
+class LoraArgs(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR))
+
+
+class QLoraArgs(LoraArgs):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class AdapterArgs(Strict):
+    """Bottleneck adapters (Houlsby: after attention and MLP; Pfeiffer: after the MLP only)."""
+
+    bottleneck: int = Field(32, gt=0)
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    nonlinearity: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class IA3Args(Strict):
+    target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+
+
+class PrefixArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+
+
+class PromptArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    init_text: str | None = None  # None: random init; else initialise from these tokens
+
+
+class PtuningArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+
+
+class PtuningV2Args(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+
+
+class MethodParams(Strict):
+    method: str = "lora"
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+    qlora: QLoraArgs = Field(default_factory=QLoraArgs)
+    adapter: AdapterArgs = Field(default_factory=AdapterArgs)
+    ia3: IA3Args = Field(default_factory=IA3Args)
+    prefix: PrefixArgs = Field(default_factory=PrefixArgs)
+    prompt: PromptArgs = Field(default_factory=PromptArgs)
+    ptuning: PtuningArgs = Field(default_factory=PtuningArgs)
+    ptuning_v2: PtuningV2Args = Field(default_factory=PtuningV2Args)
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}' (known: {', '.join(METHODS)})")
+        return self
+
+    @property
+    def method_args(self) -> Strict | None:
+        return None if self.method == "full" else getattr(self, self.method)
+
+
+class TrainingArgs(Strict):
+    max_steps: int = Field(20, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    save_steps: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+
+
+class EvalArgs(Strict):
+    max_batches: int = Field(8, gt=0)
+    batch_size: int = Field(4, gt=0)
+    num_samples: int = Field(3, ge=0)  # sample generations logged as an artifact
+    max_new_tokens: int = Field(48, gt=0)
+
+
+# ---- stages --------------------------------------------------------------------------------------
+class TrackingParams(Strict):
+    experiment: str = "llm-refinery"
+    on_server_unreachable: Literal["error", "local"] = "error"
+
+
+class BaseParams(Strict):
+    seed: int = 42
+    trust_remote_code: bool = False
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+
+class TinyArgs(Strict):
+    layers: int = Field(2, gt=0)
+    hidden: int = Field(64, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate: int = Field(128, gt=0)
+    max_positions: int = Field(2048, gt=0)
+
+
+class BaseModelParams(Strict):
+    source: Literal["smollm2", "tiny", "local", "hub"] = "smollm2"
+    path: str | None = None  # folder for `local`, model id for `hub`
+    tiny: TinyArgs = Field(default_factory=TinyArgs)
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source in ("local", "hub") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path'")
+        return self
+
+
+class SftTaskSpec(Strict):
+    path: str
+    metric: Literal["exact_match", "token_f1", "rouge_l"] = "rouge_l"
+    weight: float = Field(1.0, gt=0)
+
+
+class DatasetsParams(Strict):
+    corpus: str
+    sft: dict[str, SftTaskSpec]
+    preferences: str
+    prompts: str
+
+
+class PrepareParams(Strict):
+    on_bad_record: Literal["error", "skip"] = "error"
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(1024, gt=0)  # tokens; records longer than this (or the model context) are bad
+    datasets: DatasetsParams
+
+
+class DaptParams(MethodParams):
+    block_size: int = Field(256, gt=8)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: EvalArgs = Field(default_factory=EvalArgs)
+
+
+STAGE_MODELS: dict[str, type[Strict]] = {
+    "base": BaseParams,
+    "base_model": BaseModelParams,
+    "prepare": PrepareParams,
+    "dapt": DaptParams,
+}
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any] | None, path: Path) -> dict:
+    """`{"training.lr": 1e-3}` sets data["training"]["lr"]; used by flow parameters and tests."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{path}: override '{dotted}': '{key}' is not a mapping")
+        node[leaf] = value
+    return data
+
+
+def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[str, Any] | None = None):
+    """Load and validate `params/<stage>.yaml` into its typed config."""
+    model = STAGE_MODELS.get(stage)
+    if model is None:
+        raise UserError(f"unknown stage '{stage}' (known: {', '.join(STAGE_MODELS)})")
+    path = Path(params_dir) / f"{stage}.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _apply_overrides(data, overrides, path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(path, exc)) from None
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{path}: key '{key}': {msg}{more}"

@@ -1,0 +1,79 @@
+"""Load a stage's input model and save its output, whatever method produced or trains it.
+
+Output folder of a training stage (models/<stage>/):
+  * `full`, and mergeable methods (lora, qlora, ia3): a plain transformers folder (merged weights,
+    safetensors) that `AutoModelForCausalLM.from_pretrained` loads; mergeable methods also keep the
+    unmerged adapter in `adapter/` (load it with peft on top of the stage's input model).
+  * non-mergeable methods (adapter, prefix, prompt, ptuning, ptuning_v2): the adapter alone at the top
+    level, with `base_model_name_or_path` pointing at the input model folder (relative to the project
+    root), so `peft.AutoPeftModelForCausalLM.from_pretrained("models/sft")` loads it from the project root.
+Every folder also carries the tokenizer (with its chat template) and `refinery_manifest.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks import bottleneck
+from tasks.errors import UserError
+from tasks.methods import REGISTRY
+
+
+def model_kind(folder: str | Path) -> str:
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    if bottleneck.has_adapters(folder):
+        return "bottleneck"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return "full"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder does not exist (run the stage that produces it first)")
+    raise UserError(f"{folder}: not a model folder (no config.json with *.safetensors weights, and no adapter)")
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise UserError(f"{folder}: tokenizer has no chat template")
+    return tok
+
+
+def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=torch.float32):
+    """A full model folder as a plain causal LM (the starting point of every training stage)."""
+    kind = model_kind(folder)
+    if kind != "full":
+        raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
+                        "from full weights (see the chaining table in README.md)")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path) -> None:
+    """Write the trained model into `out` as documented in this module's docstring."""
+    base_ref = str(input_dir)
+    m = REGISTRY[method]
+    if hasattr(model, "config"):
+        model.config.use_cache = True
+    if method == "full":
+        model.save_pretrained(out)
+    elif method == "adapter":
+        bottleneck.save_adapters(model, out, base_model_name_or_path=base_ref)
+    elif m.mergeable:
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(out / "adapter")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out)
+    else:
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

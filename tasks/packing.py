@@ -1,0 +1,87 @@
+"""Sequence packing that respects document boundaries.
+
+Documents are concatenated into rows of exactly `block_size` tokens. `position_ids` restart at 0 at
+every document start; with no 2-D attention mask, transformers (masking_utils.find_packed_sequence_indices)
+turns those restarts into a block-diagonal causal mask, so a token never attends across a boundary.
+The label of each document's first token is -100, so the loss never asks the model to predict the
+next document from the previous one.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+IGNORE = -100
+
+
+def pack_documents(docs: Iterable[list[int]], block_size: int, eos_id: int, pad_id: int) -> dict[str, list[list[int]]]:
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+    ids: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
+
+    def flush():
+        rows["input_ids"].append(ids.copy())
+        rows["position_ids"].append(pos.copy())
+        rows["labels"].append(labels.copy())
+        ids.clear(), pos.clear(), labels.clear()
+
+    for doc in docs:
+        doc = list(doc) + [eos_id]
+        start = 0
+        while start < len(doc):
+            take = min(block_size - len(ids), len(doc) - start)
+            piece = doc[start:start + take]
+            ids.extend(piece)
+            pos.extend(range(take))  # a piece that continues on the next row restarts its positions
+            labels.extend([IGNORE] + piece[1:])
+            start += take
+            if len(ids) == block_size:
+                flush()
+    if ids:  # last partial row: pad; padding carries no loss and, being last, nothing attends to it
+        fill = block_size - len(ids)
+        last = pos[-1]
+        ids.extend([pad_id] * fill)
+        pos.extend(range(last + 1, last + 1 + fill))
+        labels.extend([IGNORE] * fill)
+        flush()
+    return rows
+
+
+def chunk_documents(docs: Iterable[list[int]], block_size: int, eos_id: int) -> dict[str, list[list[int]]]:
+    """One row per document piece (no packing), for methods that prepend virtual tokens."""
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    for doc in docs:
+        doc = list(doc) + [eos_id]
+        for i in range(0, len(doc), block_size):
+            piece = doc[i:i + block_size]
+            if len(piece) > 1:
+                rows["input_ids"].append(piece)
+                rows["labels"].append(piece.copy())
+    return rows
+
+
+class PadCollator:
+    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask`; packed rows
+    (which carry `position_ids` and are all the same length) are stacked as they are."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        if "position_ids" in features[0]:
+            return {k: torch.tensor([f[k] for f in features]) for k in ("input_ids", "position_ids", "labels")}
+        width = max(len(f["input_ids"]) for f in features)
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for f in features:
+            fill = width - len(f["input_ids"])
+            out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * fill)
+            out["labels"].append(list(f["labels"]) + [IGNORE] * fill)
+            out["attention_mask"].append([1] * len(f["input_ids"]) + [0] * fill)
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def rows_to_list(rows: dict[str, list[list[int]]]) -> list[dict]:
+    keys = list(rows)
+    return [dict(zip(keys, vals)) for vals in zip(*(rows[k] for k in keys))]

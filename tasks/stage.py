@@ -1,0 +1,55 @@
+"""What every stage flow shares: the run name, the checkpoint key, the CLI wrapper, the summary text."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tasks.errors import UserError
+from tasks.manifest import git_commit, hash_obj
+
+BAD_INPUT = "BadInput"
+
+
+def run_name(stage: str, method: str | None = None) -> str:
+    sha = (git_commit() or "nogit")[:7]
+    return "-".join(p for p in (stage, method, sha) if p)
+
+
+def checkpoint_dir(stage: str, *parts) -> Path:
+    """checkpoints/<stage>/<hash of params + input hashes>: outside DVC outs, so `dvc repro` can't delete it,
+    and keyed so that changed params or inputs never resume a stale run."""
+    return Path("checkpoints") / stage / hash_obj(parts)[:16]
+
+
+def refuse(exc: UserError):
+    """A flow's answer to bad input: a Failed state without a traceback; `run_cli` prints it on one line."""
+    from prefect.states import Failed
+
+    return Failed(message=str(exc), name=BAD_INPUT)
+
+
+def run_cli(flow_fn, precheck=None, **kwargs) -> None:
+    """`python -m flows.<stage>`: run the flow; bad input -> `error: ...` and exit 2, a crash -> exit 1.
+
+    `precheck` (params validation) runs before the flow, so bad params fail in a second, not after
+    Prefect's API has started."""
+    logging.getLogger("refinery").setLevel(logging.INFO)
+    try:
+        if precheck is not None:
+            precheck()
+        state = flow_fn(return_state=True, **kwargs)
+    except UserError as exc:  # raised before the flow started (e.g. parameter validation)
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if state.name == BAD_INPUT:
+        print(f"error: {state.message}", file=sys.stderr)
+        raise SystemExit(2)
+    if state.is_failed() or state.is_crashed():
+        print(f"error: stage failed: {state.message}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def summary_markdown(stage: str, title: str, lines: dict[str, object], run_url: str, out_dir: str) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in lines.items())
+    return (f"# {stage}: {title}\n\nOutput: `{out_dir}`  \nMLflow: {run_url}\n\n| | |\n|---|---|\n{rows}\n")

@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny random model with the real tokenizer, a scratch project, one Prefect test server."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough to train in seconds on 2 CPU cores, large enough that the loss visibly drops.
+TINY_OVERRIDES = {
+    "base_model.yaml": {"source": "tiny"},
+    "dapt.yaml": {"block_size": 64, "training": {"max_steps": 6, "batch_size": 4, "lr": 0.003, "save_steps": 2,
+                                                 "warmup_ratio": 0.0, "scheduler": "constant"},
+                  "eval": {"max_batches": 4, "batch_size": 4, "num_samples": 1, "max_new_tokens": 8},
+                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+    "prepare.yaml": {"max_length": 512},
+}
+
+
+def deep_update(d: dict, u: dict) -> dict:
+    for k, v in u.items():
+        d[k] = deep_update(d.get(k, {}) or {}, v) if isinstance(v, dict) else v
+    return d
+
+
+def write_tiny_params(dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (REPO / "params").glob("*.yaml"):
+        data = yaml.safe_load(f.read_text()) or {}
+        deep_update(data, TINY_OVERRIDES.get(f.name, {}))
+        (dst / f.name).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """models/base for source `tiny`: 2 layers, hidden 64, SmolLM2's real tokenizer and chat template."""
+    from tasks.base_import import import_base
+    from tasks.config import BaseModelParams
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    model, tok = import_base(BaseModelParams(source="tiny"), seed=0, trust_remote_code=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_base) -> Path:
+    """A scratch project folder (cwd): tiny params, the demo data, models/base = the tiny model."""
+    write_tiny_params(tmp_path / "params")
+    shutil.copytree(REPO / "data" / "demo", tmp_path / "data" / "demo",
+                    ignore=shutil.ignore_patterns("*.py", "*.md"))
+    shutil.copytree(tiny_base, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_base) -> Path:
+    """data/prepared from the demo data, built once per session (prepare is deterministic)."""
+    from tasks.config import load_params
+    from tasks.modeling import load_tokenizer
+    from tasks.prepare_data import prepare_all
+
+    root = tmp_path_factory.mktemp("prepared")
+    write_tiny_params(root / "params")
+    cwd = os.getcwd()
+    os.chdir(REPO)  # dataset paths in params are relative to the project root
+    try:
+        prepare_all(load_params("prepare", root / "params"), load_tokenizer(tiny_base), 2048, 42, root / "out")
+    finally:
+        os.chdir(cwd)
+    return root / "out"

@@ -1,0 +1,52 @@
+"""`dvc repro` of the real dvc.yaml on the tiny model, in a fresh git repo: every stage runs, dvc.lock is
+complete, `dvc status` is clean and a second `dvc repro` does nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, write_tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cmd: str, cwd: Path, env: dict) -> str:
+    out = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("clone") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    write_tiny_params(dst / "params")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    sh("git init -q && git add -A && git -c user.email=t@localhost -c user.name=t commit -qm init", dst, env)
+    return dst, env
+
+
+def test_dvc_repro_then_clean_status(repo):
+    root, env = repo
+    sh("dvc repro", root, env)
+    lock = (root / "dvc.lock").read_text()
+    for stage in ("base_model", "prepare", "dapt"):
+        assert f"{stage}:" in lock
+    dapt = json.loads((root / "metrics" / "dapt.json").read_text())
+    assert dapt["after"]["eval_loss"] < dapt["before"]["eval_loss"]
+    assert "up to date" in sh("dvc status", root, env)
+    again = sh("dvc repro", root, env)
+    assert "didn't change, skipping" in again and "Running stage" not in again
+    shown = sh("dvc metrics show --json", root, env)
+    assert "after.eval_loss" in shown or '"eval_loss"' in shown

@@ -1,0 +1,52 @@
+"""A training run that crashes after a checkpoint resumes from it and ends where an uninterrupted run ends."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from tasks.config import TrainingArgs
+from tasks.dapt_data import corpus_rows
+from tasks.modeling import load_tokenizer
+from tasks.packing import PadCollator
+from tasks.training import last_complete_checkpoint, run_trainer
+
+ARGS = TrainingArgs(max_steps=6, batch_size=2, lr=3e-3, save_steps=2, keep_checkpoints=2, warmup_ratio=0.0)
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 5:
+            raise RuntimeError("simulated crash")
+
+
+def train(tiny_base, prepared, ckpt, crash=False):
+    tok = load_tokenizer(tiny_base)
+    rows = corpus_rows(prepared / "corpus" / "train.jsonl", tok, 64, packed=True)[:40]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    kwargs = {"callbacks": [Crash()]} if crash else {}
+    summary, trainer = run_trainer(model, rows, PadCollator(tok.pad_token_id), ARGS, ckpt, seed=1, **kwargs)
+    return summary, model
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny_base, prepared, tmp_path):
+    ref_summary, ref_model = train(tiny_base, prepared, tmp_path / "ref")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_base, prepared, tmp_path / "crash", crash=True)
+    assert last_complete_checkpoint(tmp_path / "crash").name == "checkpoint-4"
+
+    summary, model = train(tiny_base, prepared, tmp_path / "crash")
+    assert summary.resumed_from == 4 and summary.steps == 6
+    losses = {h["step"]: h["loss"] for h in summary.history}
+    ref = {h["step"]: h["loss"] for h in ref_summary.history}
+    assert sorted(losses) == list(range(1, 7))  # no step repeated or lost
+    assert losses == pytest.approx(ref, abs=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()  # cut off mid-save: no trainer_state.json
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
