@@ -42,8 +42,8 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
         base = load_params("base", params_dir)
         cfg = load_params("dapt", params_dir, overrides)
         method = get_method(cfg, f"{params_dir}/dapt.yaml")
-        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
         model = load_causal_lm(input_dir, base.trust_remote_code)
+        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
         corpus = Path(data_dir) / "corpus"
         train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
         val_rows = corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing)

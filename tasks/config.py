@@ -145,15 +145,9 @@ class BaseModelParams(Strict):
         return self
 
 
-class SftTaskSpec(Strict):
-    path: str
-    metric: Literal["exact_match", "token_f1", "rouge_l"] = "rouge_l"
-    weight: float = Field(1.0, gt=0)
-
-
 class DatasetsParams(Strict):
     corpus: str
-    sft: dict[str, SftTaskSpec]
+    sft: dict[str, str]  # task name -> JSONL path
     preferences: str
     prompts: str
 
@@ -171,11 +165,60 @@ class DaptParams(MethodParams):
     eval: EvalArgs = Field(default_factory=EvalArgs)
 
 
+class SftTask(Strict):
+    weight: float = Field(1.0, gt=0)
+    metric: Literal["exact_match", "token_f1", "rouge_l"] = "rouge_l"
+
+
+class SftEvalArgs(Strict):
+    max_examples_per_task: int = Field(16, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class SftParams(MethodParams):
+    """Multi-task SFT. Mixing: `proportional` samples task i with p_i ∝ weight_i·n_i (n_i = its training
+    examples); `temperature` uses p_i ∝ (weight_i·n_i)^(1/temperature), flattening the mixture as T grows."""
+
+    tasks: dict[str, SftTask]
+    mixing: Literal["proportional", "temperature"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    block_size: int = Field(512, gt=8)  # packed row length (tokens)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: SftEvalArgs = Field(default_factory=SftEvalArgs)
+
+    @model_validator(mode="after")
+    def _some_task(self):
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        return self
+
+
+class CompareParams(Strict):
+    """The method comparison: the same SFT, once per method."""
+
+    methods: list[str] = Field(default_factory=lambda: ["full", "lora", "adapter", "ia3", "prefix", "prompt",
+                                                        "ptuning", "ptuning_v2"])
+    max_steps: int = Field(8, gt=0)
+    parallel: int = Field(1, gt=0)  # concurrent methods (Prefect thread pool); 1 on a small CPU machine
+    lr: dict[str, float] = Field(default_factory=dict)  # per-method learning rate overrides
+    sft_overrides: dict[str, Any] = Field(default_factory=dict)  # dotted params/sft.yaml keys, for every method
+
+    @model_validator(mode="after")
+    def _known(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method '{bad[0]}' (known: {', '.join(METHODS)})")
+        return self
+
+
 STAGE_MODELS: dict[str, type[Strict]] = {
     "base": BaseParams,
     "base_model": BaseModelParams,
     "prepare": PrepareParams,
     "dapt": DaptParams,
+    "sft": SftParams,
+    "compare": CompareParams,
 }
 
 

@@ -42,3 +42,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bo
                              pad_token_id=tokenizer.pad_token_id)
         outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return outs
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy generation for already-rendered prompts, left-padded in batches."""
+    model.eval()
+    outs: list[str] = []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        outs.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+    return outs

@@ -36,6 +36,9 @@ def model_kind(folder: str | Path) -> str:
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

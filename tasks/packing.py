@@ -70,9 +70,15 @@ class PadCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        if "position_ids" in features[0]:
-            return {k: torch.tensor([f[k] for f in features]) for k in ("input_ids", "position_ids", "labels")}
         width = max(len(f["input_ids"]) for f in features)
+        if "position_ids" in features[0]:  # packed rows: no attention mask (it would hide the boundaries)
+            out = {"input_ids": [], "labels": [], "position_ids": []}
+            for f in features:
+                fill, last = width - len(f["input_ids"]), f["position_ids"][-1]
+                out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * fill)
+                out["labels"].append(list(f["labels"]) + [IGNORE] * fill)
+                out["position_ids"].append(list(f["position_ids"]) + list(range(last + 1, last + 1 + fill)))
+            return {k: torch.tensor(v) for k, v in out.items()}
         out = {"input_ids": [], "labels": [], "attention_mask": []}
         for f in features:
             fill = width - len(f["input_ids"])
@@ -85,3 +91,21 @@ class PadCollator:
 def rows_to_list(rows: dict[str, list[list[int]]]) -> list[dict]:
     keys = list(rows)
     return [dict(zip(keys, vals)) for vals in zip(*(rows[k] for k in keys))]
+
+
+def pack_examples(examples: Iterable[tuple[list[int], list[int]]], block_size: int) -> list[dict]:
+    """Whole (input_ids, labels) examples placed in rows of at most `block_size` tokens, never split;
+    positions restart per example, so attention stays within each example (padding-free batching)."""
+    rows: list[dict] = []
+    cur: dict = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels in examples:
+        ids, labels = ids[:block_size], labels[:block_size]
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > block_size:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ids
+        cur["labels"] += labels
+        cur["position_ids"] += list(range(len(ids)))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows

@@ -69,7 +69,7 @@ def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: i
     ds = params.datasets
     sets: dict[str, tuple[str, str]] = {"corpus": (ds.corpus, "corpus"), "preferences": (ds.preferences, "preferences"),
                                         "prompts": (ds.prompts, "prompts")}
-    sets.update({f"sft/{task}": (spec.path, "sft") for task, spec in ds.sft.items()})
+    sets.update({f"sft/{task}": (path, "sft") for task, path in ds.sft.items()})
 
     loaded: dict[str, tuple[list[dict], list[BadRecord]]] = {}
     for name, (path, kind) in sets.items():

@@ -29,6 +29,31 @@ def refuse(exc: UserError):
     return Failed(message=str(exc), name=BAD_INPUT)
 
 
+def cli_kwargs(argv: list[str] | None = None) -> dict:
+    """`--set training.lr=0.001 --set method=ia3 --out-dir x` -> {"overrides": {...}, "out_dir": "x"}.
+    Values after `=` are parsed as YAML (numbers, booleans, lists)."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description="Run this stage as a Prefect flow (params from params/).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of this stage's params file (dotted), e.g. training.lr=0.001")
+    for name in ("params-dir", "input-dir", "data-dir", "out-dir", "stage", "record-root"):
+        parser.add_argument(f"--{name}")
+    args = parser.parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k != "set" and v is not None}
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        kwargs["overrides"] = overrides
+    return kwargs
+
+
 def run_cli(flow_fn, precheck=None, **kwargs) -> None:
     """`python -m flows.<stage>`: run the flow; bad input -> `error: ...` and exit 2, a crash -> exit 1.
 

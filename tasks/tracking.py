@@ -89,7 +89,7 @@ class StageRecord:
     def __enter__(self) -> "StageRecord":
         import mlflow
 
-        self.uri = configure_mlflow(self.root, self.on_unreachable)
+        self.uri = configure_mlflow(Path("."), self.on_unreachable)  # one store per project, wherever files go
         mlflow.set_experiment(self.experiment)
         parent = os.environ.get("REFINERY_PARENT_RUN_ID") or None
         run = mlflow.start_run(run_name=self.run_name, parent_run_id=parent, log_system_metrics=True,

@@ -1,0 +1,159 @@
+"""The method comparison: the same SFT (data, steps, seed) once per adaptation method, measured side by side.
+
+Each method runs `python -m flows.sft` in its own process, so its peak memory is its own (a process's
+peak RSS never goes down, so in-process runs would inherit the previous method's peak) and methods can
+run in parallel (`parallel:` in params/compare.yaml, a Prefect thread pool of subprocesses).
+Writes reports/compare/methods.{md,csv}, quality_vs_trainable.png and metrics/compare.json; one MLflow
+parent run with a child run per method; a Prefect table artifact.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.artifacts import publish_summary
+from tasks.atomic import atomic_write_json, atomic_write_text
+from tasks.config import load_params
+from tasks.errors import UserError, exit_on_user_error
+from tasks.stage import cli_kwargs, refuse, run_cli, run_name
+from tasks.tracking import StageRecord
+
+COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
+           "tokens_per_second", "eval_loss", "score", "score_before", "status")
+
+
+def _prefect_api_url() -> str | None:
+    """The API this flow talks to, so that child flow runs land in the same place (the UI shows them)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        return str(url)
+    try:  # the ephemeral server this process started (private API: on any change, children start their own)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        running = [s for s in SubprocessASGIServer._instances.values() if s.running]
+        return running[0].api_url if running else None
+    except Exception:
+        return None
+
+
+@task(cache_policy=NO_CACHE, task_run_name="sft-{method}", retries=0)
+def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out: str, overrides: dict,
+               env: dict) -> dict:
+    folder = Path(out) / method
+    args = [sys.executable, "-m", "flows.sft", "--params-dir", params_dir, "--input-dir", input_dir,
+            "--data-dir", data_dir, "--out-dir", str(folder / "model"), "--stage", f"compare-{method.replace('_', '-')}",
+            "--record-root", str(folder), "--set", f"method={method}"]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    (folder).mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text(proc.stdout + proc.stderr)
+    metrics_file = folder / "metrics" / f"compare-{method.replace('_', '-')}.json"
+    if proc.returncode != 0 or not metrics_file.is_file():
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"method": method, "status": f"failed: {last[:200]}"}
+    m = json.loads(metrics_file.read_text())
+    tasks_after = m["after"]["tasks"].values()
+    return {"method": method, **{k: m["train"][k] for k in ("trainable_params", "trainable_percent", "peak_memory_mb",
+                                                            "seconds_per_step", "tokens_per_second")},
+            "eval_loss": round(sum(t["loss"] for t in tasks_after) / len(tasks_after), 4),
+            "score": round(m["after"]["mean_score"], 4), "score_before": round(m["before"]["mean_score"], 4),
+            "status": "ok"}
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    with open(out / "methods.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    body = "".join("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |\n" for r in rows)
+    md = ("# Method comparison (same SFT data, steps and seed)\n\n" + head + body +
+          "\n`trainable_percent` = trainable / all parameters; `score` = mean held-out task metric after SFT "
+          "(`score_before`: the input model); `peak_memory_mb` = peak RSS of the method's process (CPU) or "
+          "peak CUDA memory allocated (GPU).\n")
+    atomic_write_text(out / "methods.md", md)
+    return md
+
+
+def plot_quality(rows: list[dict], path: Path) -> Path | None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in ok:
+        ax.scatter(r["trainable_percent"], r["score"], s=30)
+        ax.annotate(r["method"], (r["trainable_percent"], r["score"]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("held-out task score after SFT")
+    ax.set_title("Quality against trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@flow(name="compare_methods", flow_run_name="compare-methods")
+def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
+                 out_dir: str = "reports/compare"):
+    try:
+        base = load_params("base", params_dir)
+        cfg = load_params("compare", params_dir)
+        load_params("sft", params_dir)
+    except UserError as exc:
+        return refuse(exc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with StageRecord("compare", experiment=base.tracking.experiment, params={"compare": cfg.model_dump()},
+                     run_name=run_name("compare"), on_unreachable=base.tracking.on_server_unreachable) as rec:
+        env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
+        if (api := _prefect_api_url()) is not None:
+            env["PREFECT_API_URL"] = api
+        base_overrides = {"training.max_steps": cfg.max_steps, **cfg.sft_overrides}
+        with ThreadPoolTaskRunner(max_workers=cfg.parallel) as runner:
+            futures = [runner.submit(run_method, {
+                "method": m, "params_dir": params_dir, "input_dir": input_dir, "data_dir": data_dir, "out": out_dir,
+                "overrides": {**base_overrides, **({"training.lr": cfg.lr[m]} if m in cfg.lr else {})}, "env": env})
+                for m in cfg.methods]
+            rows = [f.result() for f in futures]
+        md = write_table(rows, out)
+        png = plot_quality(rows, out / "quality_vs_trainable.png")
+        rec.write_metrics({"methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows}})
+        for f in (out / "methods.md", out / "methods.csv", png):
+            if f:
+                rec.log_artifact(f, "comparison")
+        publish_summary("compare-methods", md, rows)
+    print(md)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} method(s) failed: " + "; ".join(f"{r['method']}: {r['status']}" for r in failed))
+    return rows
+
+
+@exit_on_user_error
+def main() -> None:
+    kwargs = cli_kwargs()
+    kwargs.pop("overrides", None)
+    run_cli(compare_flow, precheck=lambda: load_params("compare", kwargs.get("params_dir", "params")),
+            **{k: v for k, v in kwargs.items() if k in ("params_dir", "input_dir", "data_dir", "out_dir")})
+
+
+if __name__ == "__main__":
+    main()

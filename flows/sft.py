@@ -1,0 +1,116 @@
+"""Stage `sft`: multi-task supervised fine-tuning on a weighted task mixture, loss on the response only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import Progress, metrics_table, publish_summary
+from tasks.config import load_params
+from tasks.errors import UserError, exit_on_user_error
+from tasks.manifest import hash_obj, hash_path
+from tasks.methods import apply_method, count_parameters, get_method
+from tasks.modeling import load_causal_lm, load_tokenizer
+from tasks.packing import PadCollator
+from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
+from tasks.sft_eval import evaluate_tasks
+from tasks.stage import checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.tracking import StageRecord
+from tasks.train_stage import save_stage_output, train_block
+from tasks.training import run_trainer
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_sft(model, tokenizer, val, metrics, cfg):
+    return evaluate_tasks(model, tokenizer, val, metrics, cfg)
+
+
+@task(cache_policy=NO_CACHE)
+def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens):
+    return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
+                       count_tokens=count_tokens)[0]
+
+
+def plan(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None):
+    """Everything that can be wrong with the inputs, checked before a model is trained."""
+    base = load_params("base", params_dir)
+    cfg = load_params("sft", params_dir, overrides)
+    method = get_method(cfg, f"{params_dir}/sft.yaml")
+    model = load_causal_lm(input_dir, base.trust_remote_code)
+    tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+    folder = Path(data_dir) / "sft"
+    train = {t: load_task(folder, t, "train") for t in cfg.tasks}
+    val = {t: load_task(folder, t, "validation") for t in cfg.tasks}
+    return base, cfg, method, tokenizer, model, folder, train, val
+
+
+@flow(name="sft", flow_run_name="sft")
+def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
+             out_dir: str = "models/sft", overrides: dict | None = None, stage: str = "sft", record_root: str = "."):
+    """`stage`/`record_root` let the method comparison run this same flow per method without touching
+    metrics/sft.json (its records go under reports/compare/<method>/)."""
+    try:
+        base, cfg, method, tokenizer, model, folder, train, val = plan(params_dir, input_dir, data_dir, overrides)
+    except UserError as exc:
+        return refuse(exc)
+    params = {"base": base.model_dump(), "sft": cfg.model_dump()}
+    inputs = {"model": input_dir, "sft_data": str(folder)}
+    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
+    pools = {t: [render_example(tokenizer, r["prompt"], r["response"]) for r in recs] for t, recs in train.items()}
+    probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
+                          cfg.mixing, cfg.temperature)
+    t = cfg.training
+    rows, counts = build_train_rows(pools, probs, t.max_steps * t.batch_size * t.grad_accum, cfg.block_size,
+                                    method.packing, base.seed)
+    share = {k: round(v / max(sum(counts.values()), 1), 4) for k, v in counts.items()}
+    metric_of = {k: s.metric for k, s in cfg.tasks.items()}
+    collate = PadCollator(tokenizer.pad_token_id)
+
+    with StageRecord(stage, experiment=base.tracking.experiment, params=params, run_name=run_name(stage, cfg.method),
+                     root=Path(record_root), on_unreachable=base.tracking.on_server_unreachable,
+                     tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
+                           "data_hash": input_hashes["sft_data"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
+        before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+        model = apply_method(model, cfg, "CAUSAL_LM", input_dir)
+        trainable, total = count_parameters(model)
+        print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
+              f"({100 * trainable / total:.3f}%); {len(rows)} rows, mixture share {share}")
+        summary = train_sft(model, rows, collate, cfg, checkpoint_dir(stage, params, input_hashes), base.seed, rec,
+                            Progress(stage), "all" if method.packing else "non_padding")
+        after, samples_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+        manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
+        metrics = {"before": before, "after": after,
+                   "train": train_block(cfg.method, summary, trainable, total, rows=len(rows),
+                                        mixture_probability={k: round(v, 4) for k, v in probs.items()},
+                                        mixture_share=share, examples=sum(counts.values()))}
+        rec.write_metrics(metrics)
+        rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
+        rec.write_plot([{"task": k, "before": before["tasks"][k]["score"], "after": after["tasks"][k]["score"]}
+                        for k in cfg.tasks], "task_scores", x="task", ys=("before", "after"))
+        rec.log_table([{**a, "generation_before": b["generation"]} for a, b in zip(samples_after, samples_before)],
+                      "samples.json")
+        rec.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
+        table = [{"task": k, "metric": v["metric"], "score_before": round(before["tasks"][k]["score"], 4),
+                  "score_after": round(v["score"], 4), "loss_before": round(before["tasks"][k]["loss"], 4),
+                  "loss_after": round(v["loss"], 4), "share": share[k]} for k, v in after["tasks"].items()]
+        lines = {"method": cfg.method, "mean score": f"{before['mean_score']:.3f} -> {after['mean_score']:.3f}",
+                 "trainable": f"{trainable:,} ({100 * trainable / total:.3f}%)",
+                 "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12]}
+        publish_summary(stage, summary_markdown(stage, "multi-task SFT", lines, rec.run_url, out_dir), table)
+    for row in table:
+        print(f"{stage}: {row['task']:<14} {row['metric']:<12} {row['score_before']:.3f} -> {row['score_after']:.3f}"
+              f"   loss {row['loss_before']:.3f} -> {row['loss_after']:.3f}   share {row['share']:.2f}")
+    return metrics
+
+
+@exit_on_user_error
+def main() -> None:
+    kwargs = cli_kwargs()
+    pdir = kwargs.get("params_dir", "params")
+    run_cli(sft_flow, precheck=lambda: get_method(load_params("sft", pdir, kwargs.get("overrides")),
+                                                  f"{pdir}/sft.yaml") and load_params("base", pdir), **kwargs)
+
+
+if __name__ == "__main__":
+    main()
