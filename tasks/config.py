@@ -194,6 +194,61 @@ class SftParams(MethodParams):
         return self
 
 
+class RewardEvalArgs(Strict):
+    max_pairs: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    buckets: int = Field(4, gt=0)  # calibration: accuracy by |margin| quantile bucket
+
+
+class RewardParams(MethodParams):
+    """Reward model: a scalar head on the SFT model, Bradley-Terry loss -log σ(r_chosen - r_rejected - margin)."""
+
+    margin: float = Field(0.0, ge=0)
+    max_length: int = Field(512, gt=8)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
+
+
+class PPOParams(MethodParams):
+    """PPO with a KL penalty to the SFT reference (InstructGPT / Ziegler et al. 2019)."""
+
+    steps: int = Field(12, gt=0)
+    batch_size: int = Field(8, gt=0)          # prompts (= episodes) per PPO step
+    mini_batch_size: int = Field(4, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    value_lr: float = Field(1e-4, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float = Field(1.0, gt=0)      # per-sequence KL the adaptive controller steers towards
+    kl_horizon: int = Field(100, gt=0)
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    whiten_rewards: bool = False
+    reward_clip: float | None = Field(5.0, gt=0)
+    normalize_scores: bool = True            # running mean/std of reward-model scores
+    missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response without EOS
+    save_steps: int = Field(4, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
+    eval_prompts: int = Field(24, gt=0)
+
+    @model_validator(mode="after")
+    def _minibatch(self):
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+        return self
+
+
 class CompareParams(Strict):
     """The method comparison: the same SFT, once per method."""
 
@@ -219,6 +274,8 @@ STAGE_MODELS: dict[str, type[Strict]] = {
     "dapt": DaptParams,
     "sft": SftParams,
     "compare": CompareParams,
+    "reward": RewardParams,
+    "ppo": PPOParams,
 }
 
 

@@ -102,6 +102,20 @@ def verify(folder: str | Path) -> tuple[bool, str]:
     return True, f"{folder}: matches its manifest ({actual[:12]}, stage {manifest.get('stage')})"
 
 
+def check_same_tokenizer(tokenizer, folders: dict[str, str | Path]) -> str:
+    """Refuse inputs whose recorded tokenizer/chat-template hash differs from the tokenizer in use."""
+    from tasks.errors import UserError
+
+    mine = tokenizer_fingerprint(tokenizer)
+    for name, folder in folders.items():
+        recorded = (read_manifest(folder) or {}).get("tokenizer_hash")
+        if recorded is not None and recorded != mine:
+            raise UserError(f"{folder}: tokenizer/chat template differs from the one this stage uses "
+                            f"({recorded} != {mine}); the {name} model must come from the same tokenizer and "
+                            "template (rerun the upstream stages)")
+    return mine
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "verify":
         print("usage: python -m tasks.manifest verify <folder>", file=sys.stderr)

@@ -56,6 +56,20 @@ def get_method(params: MethodParams, source: str) -> Method:
     return method
 
 
+# Scalar-head (reward, value) and RL stages: merged-weight methods only. Virtual-token methods shift token
+# positions (values and KL must line up with response tokens) and bottleneck adapters would leave the head
+# unsaved in a non-mergeable folder; both are refused at validation for these stages.
+SCALAR_STAGE_METHODS = ("full", "lora", "qlora", "ia3")
+
+
+def check_stage_method(params: MethodParams, stage: str, source: str) -> Method:
+    method = get_method(params, source)
+    if stage in ("reward", "ppo") and method.name not in SCALAR_STAGE_METHODS:
+        raise UserError(f"{source}: key 'method': '{method.name}' is not supported in stage '{stage}' "
+                        f"(supported: {', '.join(SCALAR_STAGE_METHODS)}); see the chaining table in README.md")
+    return method
+
+
 def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None = None):
     """The peft config for a peft-backed method; None for `full` and `adapter`."""
     import peft

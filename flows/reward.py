@@ -1,0 +1,99 @@
+"""Stage `reward`: a scalar-head reward model on the SFT model, Bradley-Terry loss on preference pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import Progress, metrics_table, publish_summary
+from tasks.config import load_params
+from tasks.errors import UserError, exit_on_user_error
+from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
+from tasks.methods import apply_method, check_stage_method, count_parameters
+from tasks.modeling import load_tokenizer, model_kind
+from tasks.records import read_jsonl
+from tasks.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
+from tasks.stage import checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.tracking import StageRecord
+from tasks.train_stage import save_stage_output, train_block
+from tasks.training import run_trainer
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_rm(model, rows, pad_id, cfg) -> dict:
+    return evaluate_pairs(model, rows, pad_id, cfg.eval.batch_size, cfg.eval.buckets)
+
+
+@task(cache_policy=NO_CACHE)
+def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress):
+    return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
+                       trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin)[0]
+
+
+@flow(name="reward", flow_run_name="reward")
+def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
+                out_dir: str = "models/reward", overrides: dict | None = None):
+    try:
+        base = load_params("base", params_dir)
+        cfg = load_params("reward", params_dir, overrides)
+        check_stage_method(cfg, "reward", f"{params_dir}/reward.yaml")
+        if model_kind(input_dir) != "full":
+            raise UserError(f"{input_dir}: the reward model starts from full SFT weights; this folder holds a "
+                            "non-mergeable adapter (see the chaining table in README.md)")
+        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+        check_same_tokenizer(tokenizer, {"sft": input_dir})
+        prefs = Path(data_dir) / "preferences"
+        train = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length)
+        val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
+        val = val[:cfg.eval.max_pairs]
+    except UserError as exc:
+        return refuse(exc)
+    params = {"base": base.model_dump(), "reward": cfg.model_dump()}
+    inputs = {"model": input_dir, "preferences": str(prefs)}
+    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
+    pad = tokenizer.pad_token_id
+    model = init_reward_model(input_dir, pad, base.seed, base.trust_remote_code)
+
+    with StageRecord("reward", experiment=base.tracking.experiment, params=params,
+                     run_name=run_name("reward", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
+                     tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
+                           "data_hash": input_hashes["preferences"][:12]}) as rec:
+        before = evaluate_rm(model, val, pad, cfg)
+        model = apply_method(model, cfg, "SEQ_CLS", input_dir)
+        trainable, total = count_parameters(model)
+        print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
+        summary = train_rm(model, train, PairCollator(pad), cfg, checkpoint_dir("reward", params, input_hashes),
+                           base.seed, rec, Progress("reward"))
+        after = evaluate_rm(model, val, pad, cfg)
+        manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, inputs,
+                                     base.seed)
+        t = cfg.training
+        pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum
+        metrics = {"eval": after, "before": before,
+                   "train": train_block(cfg.method, summary, trainable, total,
+                                        pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3))}
+        rec.write_metrics(metrics)
+        rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
+        rec.write_plot(after["calibration"], "calibration", x="bucket", ys=("accuracy",))
+        rec.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
+        lines = {"method": cfg.method, "accuracy": f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
+                 "mean margin": f"{before['margin']:.3f} -> {after['margin']:.3f}",
+                 "pairs/s": metrics["train"]["pairs_per_second"], "params hash": hash_obj(params)[:12]}
+        publish_summary("reward", summary_markdown("reward", "reward model", lines, rec.run_url, out_dir),
+                        after["calibration"] + metrics_table({"accuracy_by_task": after["accuracy_by_task"]}))
+    print(f"reward: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, margin "
+          f"{before['margin']:.3f} -> {after['margin']:.3f} ({after['n']} pairs) -> {out_dir}")
+    return metrics
+
+
+@exit_on_user_error
+def main() -> None:
+    kwargs = cli_kwargs()
+    pdir = kwargs.get("params_dir", "params")
+    run_cli(reward_flow, precheck=lambda: check_stage_method(load_params("reward", pdir, kwargs.get("overrides")),
+                                                             "reward", f"{pdir}/reward.yaml"), **kwargs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Reward model: the Bradley-Terry loss by hand, and the stage on the tiny model (loss down, output loads
+and scores with plain transformers, metrics follow the contract)."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from flows.reward import reward_flow
+from tasks.reward_model import bradley_terry_loss
+
+
+def test_bradley_terry_by_hand():
+    # -log σ(1 - 0) = log(1 + e^-1) = 0.31326; with margin 0.5: log(1 + e^-0.5) = 0.47408
+    rc, rr = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    assert float(bradley_terry_loss(rc, rr)) == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
+    assert float(bradley_terry_loss(rc, rr, 0.5)) == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-6)
+
+
+@pytest.fixture
+def reward_project(project, prepared):
+    shutil.copytree(prepared, project / "data" / "prepared")
+    shutil.copytree(project / "models" / "base", project / "models" / "sft")
+    return project
+
+
+SMALL = {"training.max_steps": 8, "training.batch_size": 8, "training.lr": 0.003, "training.warmup_ratio": 0.0,
+         "max_length": 128, "eval.max_pairs": 16}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reward_stage(reward_project, prefect_server, method):
+    metrics = reward_flow(overrides={**SMALL, "method": method})
+    on_disk = json.loads((reward_project / "metrics" / "reward.json").read_text())
+    assert {"accuracy", "margin"} <= set(on_disk["eval"]) and "pairs_per_second" in on_disk["train"]
+    assert 0 <= on_disk["eval"]["accuracy"] <= 1 and len(on_disk["eval"]["calibration"]) == 4
+    history = metrics["train"]
+    assert history["steps"] == 8 and history["final_loss"] < math.log(2)  # below the untrained BT loss
+
+    out = reward_project / "models" / "reward"
+    rm = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "Which module defines `dumps`?"},
+                                    {"role": "assistant", "content": "json"}], tokenize=False)
+    with torch.no_grad():
+        value = rm(**tok(text, return_tensors="pt")).logits[0, 0]
+    assert torch.isfinite(value)
+
+
+def test_reward_refuses_prompt_learning(reward_project, prefect_server):
+    state = reward_flow(overrides={**SMALL, "method": "prefix"}, return_state=True)
+    assert state.is_failed() and "not supported in stage 'reward'" in state.message
