@@ -23,6 +23,14 @@ TINY_OVERRIDES = {
                   "eval": {"max_batches": 4, "batch_size": 4, "num_samples": 1, "max_new_tokens": 8},
                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
     "prepare.yaml": {"max_length": 512},
+    "sft.yaml": {"block_size": 256, "training": {"max_steps": 4, "batch_size": 2, "lr": 0.003, "save_steps": 2},
+                 "eval": {"max_examples_per_task": 2, "max_new_tokens": 4}},
+    "compare.yaml": {"max_steps": 2, "sft_overrides": {"eval.max_examples_per_task": 1, "eval.max_new_tokens": 2,
+                                                       "block_size": 128}},
+    "reward.yaml": {"max_length": 128, "training": {"max_steps": 4, "batch_size": 4, "lr": 0.003, "save_steps": 2},
+                    "eval": {"max_pairs": 8}},
+    "ppo.yaml": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "eval_prompts": 4,
+                 "eval_max_new_tokens": 6, "save_steps": 1},
 }
 
 

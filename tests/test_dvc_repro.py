@@ -41,7 +41,7 @@ def test_dvc_repro_then_clean_status(repo):
     root, env = repo
     sh("dvc repro", root, env)
     lock = (root / "dvc.lock").read_text()
-    for stage in ("base_model", "prepare", "dapt"):
+    for stage in ("base_model", "prepare", "dapt", "sft", "compare", "reward", "ppo"):
         assert f"{stage}:" in lock
     dapt = json.loads((root / "metrics" / "dapt.json").read_text())
     assert dapt["after"]["eval_loss"] < dapt["before"]["eval_loss"]

@@ -52,3 +52,22 @@ def test_reward_stage(reward_project, prefect_server, method):
 def test_reward_refuses_prompt_learning(reward_project, prefect_server):
     state = reward_flow(overrides={**SMALL, "method": "prefix"}, return_state=True)
     assert state.is_failed() and "not supported in stage 'reward'" in state.message
+
+
+def test_ppo_stage_on_tiny_models(reward_project, prefect_server):
+    """The PPO flow wires sft + reward + prompts together and writes the metrics contract."""
+    from flows.ppo import ppo_flow
+
+    reward_flow(overrides={**SMALL, "method": "lora"})
+    metrics = ppo_flow(overrides={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6,
+                                  "eval_prompts": 4, "eval_max_new_tokens": 6, "save_steps": 1})
+    on_disk = json.loads((reward_project / "metrics" / "ppo.json").read_text())
+    for key in ("reward_first", "reward_last", "kl_last", "steps", "episodes_per_second", "peak_memory_mb"):
+        assert key in on_disk["train"], key
+    for key in ("reward_policy", "reward_sft", "win_rate_vs_sft", "reference_score_policy", "reference_score_sft", "kl"):
+        assert key in on_disk["eval"], key
+    assert on_disk["train"]["steps"] == 2 and 0 <= on_disk["eval"]["win_rate_vs_sft"] <= 1
+    assert metrics["eval"]["n"] == 4
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(reward_project / "models" / "ppo")
