@@ -21,10 +21,7 @@ $(VENV)/.installed: requirements.lock
 
 demo: install  ## the whole pipeline on the bundled SmolLM2-135M-Instruct and demo data
 	test -d .git || (git init -q && git add -A && git -c user.email=demo@localhost -c user.name=demo commit -qm "demo snapshot")
-	dvc repro
-	@echo
-	@echo "Metrics: dvc metrics show   |   plots: plots/<stage>/*.png   |   models: models/<stage>/"
-	@echo "MLflow:  make ui, then http://127.0.0.1:5000 (experiment llm-refinery)"
+	$(PY) -m flows.pipeline
 
 test: install  ## fast tests on the tiny model, then the slow end-to-end `dvc repro`
 	$(PY) -m pytest -q tests -m "not slow"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from tasks.config import TrainingArgs
 
@@ -67,6 +68,14 @@ class RecordCallback(TrainerCallback):
             self.progress(state.global_step, state.max_steps)
 
 
+class QuietProgress(ProgressCallback):
+    """The progress bar, with loss and lr on it instead of a printed dict per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+
 @dataclass
 class TrainSummary:
     steps: int
@@ -105,6 +114,8 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     callback = RecordCallback(record, progress)
     trainer = trainer_cls(model=model, args=training_arguments(targs, ckpt_dir, seed, count_tokens), train_dataset=train_dataset,
                           data_collator=collator, callbacks=[callback, *(callbacks or [])], **trainer_kwargs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
     start_tokens = 0
     if resume is not None:
         import json

@@ -1,5 +1,6 @@
-"""`dvc repro` of the real dvc.yaml on the tiny model, in a fresh git repo: every stage runs, dvc.lock is
-complete, `dvc status` is clean and a second `dvc repro` does nothing."""
+"""The real dvc.yaml on the tiny model, in a fresh git repo: the Prefect pipeline flow runs every stage
+through DVC, after which dvc.lock is complete, `dvc status` is clean, `dvc repro` does nothing, and a second
+pipeline run skips every stage."""
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, write_tiny_params
 
@@ -37,9 +39,10 @@ def repo(tmp_path_factory):
     return dst, env
 
 
-def test_dvc_repro_then_clean_status(repo):
+def test_pipeline_then_dvc_agree(repo):
     root, env = repo
-    sh("dvc repro", root, env)
+    first = sh(f"{sys.executable} -m flows.pipeline", root, env)
+    assert "report ran" in first and "ppo ran" in first
     lock = (root / "dvc.lock").read_text()
     for stage in ("base_model", "prepare", "dapt", "sft", "compare", "reward", "ppo"):
         assert f"{stage}:" in lock
@@ -50,3 +53,16 @@ def test_dvc_repro_then_clean_status(repo):
     assert "didn't change, skipping" in again and "Running stage" not in again
     shown = sh("dvc metrics show --json", root, env)
     assert "after.eval_loss" in shown or '"eval_loss"' in shown
+    second = sh(f"{sys.executable} -m flows.pipeline", root, env)
+    assert second.count("skipped (up to date)") == len(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    report = (root / "reports" / "pipeline" / "report.md").read_text()
+    assert "## PPO" in report and "## Method comparison" in report
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["llm-refinery"])
+    parent = runs[runs["tags.mlflow.runName"].str.startswith("pipeline")].iloc[-1]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert {"dapt", "sft", "reward", "ppo"} <= set(children["tags.stage"])
+    assert children[children["tags.stage"] == "ppo"]["metrics.eval.win_rate_vs_sft"].notna().all()

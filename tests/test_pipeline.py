@@ -1,0 +1,59 @@
+"""The pipeline flow and dvc.yaml agree: one order, defined in dvc.yaml; overrides and slices are checked."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import apply_overrides, select
+from flows.report import build_report
+from tasks.dag import stage_order
+from tasks.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_order_is_dvc_yaml_and_the_design():
+    order = stage_order(REPO)
+    assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    main = [s for s in order if s != "compare"]
+    assert main == ["base_model", "prepare", "dapt", "sft", "reward", "ppo", "report"]  # DESIGN.md's chain
+    assert order.index("compare") > order.index("sft")
+
+
+def test_every_stage_cmd_is_its_flow():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        module = spec["cmd"].split()[-1]
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), name
+        assert f"{module.replace('.', '/')}.py" in spec["deps"], f"{name}: its flow file is not a dep"
+
+
+def test_select_slices_and_refuses_unknown():
+    order = ["a", "b", "c", "d"]
+    assert select(order, "b", "c") == ["b", "c"] and select(order, None, None) == order
+    with pytest.raises(UserError, match="unknown stage 'x'"):
+        select(order, "x", None)
+    with pytest.raises(UserError, match="comes after"):
+        select(order, "d", "a")
+
+
+def test_overrides_keep_comments_and_are_validated(tmp_path, monkeypatch):
+    (tmp_path / "sft.yaml").write_text((REPO / "params" / "sft.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    apply_overrides({"sft": {"method": "ia3", "training.lr": 0.01}}, params_dir=str(tmp_path))
+    text = (tmp_path / "sft.yaml").read_text()
+    assert "method: ia3" in text and "# " in text and "lr: 0.01" in text
+    with pytest.raises(UserError, match="unknown method"):
+        apply_overrides({"sft": {"method": "nope"}}, params_dir=str(tmp_path))
+    assert "method: ia3" in (tmp_path / "sft.yaml").read_text()  # a refused override writes nothing
+
+
+def test_report_flags_over_optimisation():
+    ppo = {"train": {"reward_first": 0.1, "reward_last": 0.9, "kl_last": 1.0, "target_kl": 1.0, "steps": 3,
+                     "episodes_per_second": 1.0},
+           "eval": {"reward_policy": 2.0, "reward_sft": 1.0, "reference_score_policy": 0.1,
+                    "reference_score_sft": 0.5, "win_rate_vs_sft": 0.9, "kl": 2.0}}
+    text, _ = build_report({"ppo": ppo})
+    assert "over-optimisation" in text and "0.9000" in text
+    ppo["eval"]["reference_score_policy"] = 0.6
+    assert "over-optimisation" not in build_report({"ppo": ppo})[0]
