@@ -1,6 +1,7 @@
 """What every stage flow shares: the run name, the checkpoint key, the CLI wrapper, the summary text."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -54,6 +55,32 @@ def cli_kwargs(argv: list[str] | None = None) -> dict:
     return kwargs
 
 
+@contextlib.contextmanager
+def prefect_api_or_local():
+    """A configured Prefect API that does not answer must not stop a stage run from the CLI: warn and run
+    with a temporary local API instead (the run then shows in that API, not the configured one)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    if url is None or _answers(f"{str(url).rstrip('/')}/health"):
+        yield
+        return
+    print(f"warning: Prefect API {url} is unreachable; running this stage with a temporary local Prefect API",
+          file=sys.stderr)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
+def _answers(url: str, timeout: float = 5.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status < 500
+    except Exception:
+        return False
+
+
 def run_cli(flow_fn, precheck=None, **kwargs) -> None:
     """`python -m flows.<stage>`: run the flow; bad input -> `error: ...` and exit 2, a crash -> exit 1.
 
@@ -63,7 +90,8 @@ def run_cli(flow_fn, precheck=None, **kwargs) -> None:
     try:
         if precheck is not None:
             precheck()
-        state = flow_fn(return_state=True, **kwargs)
+        with prefect_api_or_local():
+            state = flow_fn(return_state=True, **kwargs)
     except UserError as exc:  # raised before the flow started (e.g. parameter validation)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
