@@ -15,7 +15,7 @@ from tasks.manifest import hash_obj, hash_path
 from tasks.methods import apply_method, count_parameters, get_method
 from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
-from tasks.stage import checkpoint_dir, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import flow_run_namer, checkpoint_dir, refuse, run_cli, run_name, summary_markdown
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -35,7 +35,7 @@ def train_lm(model, rows, collate, cfg, ckpt, seed, rec, progress):
                        count_tokens=count)[0]
 
 
-@flow(name="dapt", flow_run_name="dapt")
+@flow(name="dapt", flow_run_name=flow_run_namer("dapt"))
 def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_dir: str = "data/prepared",
               out_dir: str = "models/dapt", overrides: dict | None = None):
     try:

@@ -23,7 +23,7 @@ from tasks.ppo_eval import decode_responses, evaluate_policy, rm_scores
 from tasks.ppo_trainer import PPOTrainer
 from tasks.records import read_jsonl
 from tasks.sft_data import chat_ids
-from tasks.stage import checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output
 from tasks.training import peak_memory_mb
@@ -45,7 +45,7 @@ def evaluate_ppo(*args):
     return evaluate_policy(*args)
 
 
-@flow(name="ppo", flow_run_name="ppo")
+@flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
 def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
              data_dir: str = "data/prepared", out_dir: str = "models/ppo", overrides: dict | None = None):
     try:

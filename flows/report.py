@@ -12,6 +12,7 @@ from prefect import flow
 from tasks.artifacts import publish_summary
 from tasks.atomic import atomic_dir
 from tasks.config import load_params
+from tasks.registry import register_policy
 from tasks.stage import run_cli, run_name
 from tasks.tracking import StageRecord
 
@@ -96,7 +97,7 @@ def to_html(markdown: str, images: list[str]) -> str:
 
 @flow(name="report", flow_run_name="report")
 def report_flow(params_dir: str = "params", metrics_dir: str = "metrics", plots_dir: str = "plots",
-                out_dir: str = "reports/pipeline"):
+                out_dir: str = "reports/pipeline", policy_dir: str = "models/ppo"):
     base = load_params("base", params_dir)
     metrics = {s: _load(Path(metrics_dir), s) for s in STAGES}
     markdown, plots = build_report(metrics)
@@ -111,10 +112,18 @@ def report_flow(params_dir: str = "params", metrics_dir: str = "metrics", plots_
         images = sorted(f.name for f in tmp.glob("*.png"))
         (tmp / "report.md").write_text(markdown + "\n" + "\n".join(f"![{i}]({i})" for i in images) + "\n")
         (tmp / "report.html").write_text(to_html(markdown, images))
-    with StageRecord("report", experiment=base.tracking.experiment, params={}, run_name=run_name("report"),
-                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+    cfg = load_params("report", params_dir)
+    registered = None
+    with StageRecord("report", experiment=base.tracking.experiment, params={"report": cfg.model_dump()},
+                     run_name=run_name("report"), on_unreachable=base.tracking.on_server_unreachable) as rec:
         rec.log_artifact(Path(out_dir) / "report.md", "report")
         rec.log_artifact(Path(out_dir) / "report.html", "report")
+        if cfg.registry.enabled and metrics.get("ppo") and Path(policy_dir).is_dir():
+            registered = register_policy(policy_dir, metrics["ppo"]["eval"], cfg.registry)
+            rec.set_tags({f"registry.{k}": str(v) for k, v in registered.items()})
+            markdown += (f"\n## Model registry\n\n`{registered['model_name']}` version {registered['version']} "
+                         f"-> **{registered['alias']}** ({registered['why']}).\n")
+            (Path(out_dir) / "report.md").write_text(markdown)
         publish_summary("report", markdown)
     print(markdown)
     print(f"report: {out_dir}/report.md and {out_dir}/report.html")

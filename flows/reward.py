@@ -14,7 +14,7 @@ from tasks.methods import apply_method, check_stage_method, count_parameters
 from tasks.modeling import load_tokenizer, model_kind
 from tasks.records import read_jsonl
 from tasks.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
-from tasks.stage import checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -31,7 +31,7 @@ def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress):
                        trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin)[0]
 
 
-@flow(name="reward", flow_run_name="reward")
+@flow(name="reward", flow_run_name=flow_run_namer("reward"))
 def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
                 out_dir: str = "models/reward", overrides: dict | None = None):
     try:

@@ -15,7 +15,7 @@ from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
 from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
 from tasks.sft_eval import evaluate_tasks
-from tasks.stage import checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -45,7 +45,7 @@ def plan(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None)
     return base, cfg, method, tokenizer, model, folder, train, val
 
 
-@flow(name="sft", flow_run_name="sft")
+@flow(name="sft", flow_run_name=flow_run_namer("sft"))
 def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
              out_dir: str = "models/sft", overrides: dict | None = None, stage: str = "sft", record_root: str = "."):
     """`stage`/`record_root` let the method comparison run this same flow per method without touching

@@ -271,6 +271,21 @@ class CompareParams(Strict):
         return self
 
 
+class RegistryArgs(Strict):
+    """Model registry: the PPO policy is registered as a new version; alias `champion` moves to it only when
+    its RM-judged win rate over its SFT policy is at least `min_win_rate` and not below the champion's, and
+    its reference agreement is at most `max_reference_drop` below the champion's; otherwise `challenger`."""
+
+    enabled: bool = True
+    model_name: str = "llm-refinery-policy"
+    min_win_rate: float = Field(0.5, ge=0, le=1)
+    max_reference_drop: float = Field(0.02, ge=0)
+
+
+class ReportParams(Strict):
+    registry: RegistryArgs = Field(default_factory=RegistryArgs)
+
+
 STAGE_MODELS: dict[str, type[Strict]] = {
     "base": BaseParams,
     "base_model": BaseModelParams,
@@ -280,6 +295,7 @@ STAGE_MODELS: dict[str, type[Strict]] = {
     "compare": CompareParams,
     "reward": RewardParams,
     "ppo": PPOParams,
+    "report": ReportParams,
 }
 
 

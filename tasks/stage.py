@@ -17,6 +17,27 @@ def run_name(stage: str, method: str | None = None) -> str:
     return "-".join(p for p in (stage, method, sha) if p)
 
 
+def flow_run_namer(stage: str):
+    """A Prefect `flow_run_name` callable: `<stage>-<method>-<git sha>`, the method read from the run's
+    overrides or from params/<stage>.yaml, so the UI says what ran."""
+
+    def name() -> str:
+        import yaml
+        from prefect.runtime import flow_run
+
+        args = flow_run.parameters or {}
+        method = (args.get("overrides") or {}).get("method")
+        if method is None:
+            path = Path(args.get("params_dir", "params")) / f"{stage}.yaml"
+            try:
+                method = (yaml.safe_load(path.read_text()) or {}).get("method")
+            except (OSError, yaml.YAMLError):
+                method = None
+        return run_name(args.get("stage") or stage, method)
+
+    return name
+
+
 def checkpoint_dir(stage: str, *parts) -> Path:
     """checkpoints/<stage>/<hash of params + input hashes>: outside DVC outs, so `dvc repro` can't delete it,
     and keyed so that changed params or inputs never resume a stale run."""

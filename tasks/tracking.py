@@ -72,6 +72,28 @@ def configure_mlflow(root: Path, on_unreachable: str) -> str:
     return uri
 
 
+def lineage_tags() -> dict[str, str]:
+    """Cross-links: git commit, the Prefect flow run (id and UI URL), the pipeline's flow run."""
+    from tasks.manifest import git_commit
+
+    tags = {"git_commit": git_commit() or "none"}
+    try:
+        from prefect.context import FlowRunContext
+        from prefect.settings import get_current_settings
+
+        ctx = FlowRunContext.get()
+        if ctx is not None:
+            tags["prefect_flow_run_id"] = str(ctx.flow_run.id)
+            ui = get_current_settings().ui_url
+            if ui:
+                tags["prefect_flow_run_url"] = f"{str(ui).rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
+    except Exception:
+        pass
+    if os.environ.get("REFINERY_PREFECT_FLOW_RUN_ID"):
+        tags["prefect_pipeline_flow_run_id"] = os.environ["REFINERY_PREFECT_FLOW_RUN_ID"]
+    return tags
+
+
 class StageRecord:
     """Context manager around one stage's MLflow run (nested under REFINERY_PARENT_RUN_ID when set)."""
 
@@ -93,7 +115,7 @@ class StageRecord:
         mlflow.set_experiment(self.experiment)
         parent = os.environ.get("REFINERY_PARENT_RUN_ID") or None
         run = mlflow.start_run(run_name=self.run_name, parent_run_id=parent, log_system_metrics=True,
-                               tags={"stage": self.stage, **self.tags})
+                               tags={"stage": self.stage, **lineage_tags(), **self.tags})
         self.run_id = run.info.run_id
         for chunk in _chunks(list(self.params.items()), 90):
             mlflow.log_params({k: str(v)[:6000] for k, v in chunk})

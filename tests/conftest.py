@@ -29,6 +29,7 @@ TINY_OVERRIDES = {
                                                        "block_size": 128}},
     "reward.yaml": {"max_length": 128, "training": {"max_steps": 4, "batch_size": 4, "lr": 0.003, "save_steps": 2},
                     "eval": {"max_pairs": 8}},
+    "report.yaml": {"registry": {"min_win_rate": 0.0}},  # the tiny policy is registered as champion
     "ppo.yaml": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "eval_prompts": 4,
                  "eval_max_new_tokens": 6, "save_steps": 1},
 }

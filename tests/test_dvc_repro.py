@@ -66,3 +66,8 @@ def test_pipeline_then_dvc_agree(repo):
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert {"dapt", "sft", "reward", "ppo"} <= set(children["tags.stage"])
     assert children[children["tags.stage"] == "ppo"]["metrics.eval.win_rate_vs_sft"].notna().all()
+
+    pipe = mlflow.transformers.load_model("models:/llm-refinery-policy@champion")  # the registered champion
+    out = pipe("Which module defines `dumps`?", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str)
+    assert "Model registry" in (root / "reports" / "pipeline" / "report.md").read_text()

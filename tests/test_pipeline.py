@@ -57,3 +57,16 @@ def test_report_flags_over_optimisation():
     assert "over-optimisation" in text and "0.9000" in text
     ppo["eval"]["reference_score_policy"] = 0.6
     assert "over-optimisation" not in build_report({"ppo": ppo})[0]
+
+
+def test_champion_rule():
+    from tasks.config import RegistryArgs
+    from tasks.registry import decide
+
+    args = RegistryArgs(min_win_rate=0.5, max_reference_drop=0.02)
+    good = {"win_rate_vs_sft": 0.7, "reference_score_policy": 0.40}
+    assert decide(good, None, args)[0] == "champion"
+    assert decide({**good, "win_rate_vs_sft": 0.4}, None, args)[0] == "challenger"
+    champ = {"win_rate_vs_sft": "0.6", "reference_score_policy": "0.45"}
+    assert decide(good, champ, args)[0] == "challenger"  # reference agreement fell by 0.05 > 0.02
+    assert decide({**good, "reference_score_policy": 0.44}, champ, args)[0] == "champion"
