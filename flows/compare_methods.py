@@ -67,7 +67,8 @@ def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out:
     return {"method": method, **{k: m["train"][k] for k in ("trainable_params", "trainable_percent", "peak_memory_mb",
                                                             "seconds_per_step", "tokens_per_second")},
             "eval_loss": round(sum(t["loss"] for t in tasks_after) / len(tasks_after), 4),
-            "score": round(m["after"]["mean_score"], 4), "score_before": round(m["before"]["mean_score"], 4),
+            "score": round(m["after"]["mean_score"], 4),
+            "score_before": round(m["before"]["mean_score"], 4) if "before" in m else "",
             "status": "ok"}
 
 

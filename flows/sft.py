@@ -71,7 +71,10 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                      root=Path(record_root), on_unreachable=base.tracking.on_server_unreachable,
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
                            "data_hash": input_hashes["sft_data"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
-        before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+        if cfg.eval.before:
+            before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+        else:
+            before, samples_before = None, []
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir)
         trainable, total = count_parameters(model)
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
@@ -80,21 +83,23 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                             Progress(stage), "all" if method.packing else "non_padding")
         after, samples_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
-        metrics = {"before": before, "after": after,
+        metrics = {**({"before": before} if before else {}), "after": after,
                    "train": train_block(cfg.method, summary, trainable, total, rows=len(rows),
                                         mixture_probability={k: round(v, 4) for k, v in probs.items()},
                                         mixture_share=share, examples=sum(counts.values()))}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
-        rec.write_plot([{"task": k, "before": before["tasks"][k]["score"], "after": after["tasks"][k]["score"]}
+        before_score = (lambda k: before["tasks"][k]["score"]) if before else (lambda k: None)
+        rec.write_plot([{"task": k, "before": before_score(k), "after": after["tasks"][k]["score"]}
                         for k in cfg.tasks], "task_scores", x="task", ys=("before", "after"))
-        rec.log_table([{**a, "generation_before": b["generation"]} for a, b in zip(samples_after, samples_before)],
-                      "samples.json")
+        rec.log_table([{**a, "generation_before": b["generation"] if b else None}
+                       for a, b in zip(samples_after, samples_before or [None] * len(samples_after))], "samples.json")
         rec.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
-        table = [{"task": k, "metric": v["metric"], "score_before": round(before["tasks"][k]["score"], 4),
-                  "score_after": round(v["score"], 4), "loss_before": round(before["tasks"][k]["loss"], 4),
+        ref = before or after
+        table = [{"task": k, "metric": v["metric"], "score_before": round(ref["tasks"][k]["score"], 4),
+                  "score_after": round(v["score"], 4), "loss_before": round(ref["tasks"][k]["loss"], 4),
                   "loss_after": round(v["loss"], 4), "share": share[k]} for k, v in after["tasks"].items()]
-        lines = {"method": cfg.method, "mean score": f"{before['mean_score']:.3f} -> {after['mean_score']:.3f}",
+        lines = {"method": cfg.method, "mean score": f"{ref['mean_score']:.3f} -> {after['mean_score']:.3f}",
                  "trainable": f"{trainable:,} ({100 * trainable / total:.3f}%)",
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12]}
         publish_summary(stage, summary_markdown(stage, "multi-task SFT", lines, rec.run_url, out_dir), table)

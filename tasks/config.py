@@ -171,6 +171,7 @@ class SftTask(Strict):
 
 
 class SftEvalArgs(Strict):
+    before: bool = True  # also evaluate the input model (the method comparison evaluates it once, not per method)
     max_examples_per_task: int = Field(16, gt=0)
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(48, gt=0)
