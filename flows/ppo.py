@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from tasks.config import load_params
 from tasks.errors import UserError, exit_on_user_error
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
 from tasks.methods import apply_method, check_stage_method, count_parameters
-from tasks.modeling import load_causal_lm, load_tokenizer, model_kind
+from tasks.modeling import full_weights_of, load_causal_lm, load_tokenizer, model_kind
 from tasks.ppo_eval import decode_responses, evaluate_policy, rm_scores
 from tasks.ppo_trainer import PPOTrainer
 from tasks.records import read_jsonl
@@ -52,15 +53,17 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         base = load_params("base", params_dir)
         cfg = load_params("ppo", params_dir, overrides)
         check_stage_method(cfg, "ppo", f"{params_dir}/ppo.yaml")
-        for folder in (input_dir, reward_dir):
-            if model_kind(folder) != "full":
-                raise UserError(f"{folder}: PPO starts from full weights; this folder holds a non-mergeable adapter")
+        if model_kind(reward_dir) != "full":
+            raise UserError(f"{reward_dir}: the reward model must be full weights (reward saves merged weights)")
+        policy_dir, note = full_weights_of(input_dir)
+        if note:
+            print(f"warning: ppo: {note}", file=sys.stderr)
         tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
         tok_hash = check_same_tokenizer(tokenizer, {"sft": input_dir, "reward": reward_dir})
         prompts_dir = Path(data_dir) / "prompts"
         train_records = [r for _, r in read_jsonl(prompts_dir / "train.jsonl")]
         val_records = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")][:cfg.eval_prompts]
-        policy = load_causal_lm(input_dir, base.trust_remote_code)
+        policy = load_causal_lm(policy_dir, base.trust_remote_code)
     except UserError as exc:
         return refuse(exc)
     params = {"base": base.model_dump(), "ppo": cfg.model_dump()}
@@ -109,7 +112,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
         h = state.history
         run_steps = [x for x in h if x["step"] > (getattr(trainer, "resumed_from", 0) or 0)]
-        train = {"method": cfg.method, "steps": state.step, "reward_first": h[0]["reward_mean"],
+        train = {"method": cfg.method, "init_from": policy_dir, "steps": state.step, "reward_first": h[0]["reward_mean"],
                  "reward_last": h[-1]["reward_mean"], "reward_last3_mean": sum(x["reward_mean"] for x in h[-3:]) / len(h[-3:]),
                  "kl_last": h[-1]["kl"], "kl_coef_last": h[-1]["kl_coef"], "target_kl": cfg.target_kl,
                  "episodes_per_second": sum(x["episodes_per_second"] for x in run_steps) / max(len(run_steps), 1),

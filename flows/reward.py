@@ -1,6 +1,7 @@
 """Stage `reward`: a scalar-head reward model on the SFT model, Bradley-Terry loss on preference pairs."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -11,7 +12,7 @@ from tasks.config import load_params
 from tasks.errors import UserError, exit_on_user_error
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
 from tasks.methods import apply_method, check_stage_method, count_parameters
-from tasks.modeling import load_tokenizer, model_kind
+from tasks.modeling import full_weights_of, load_tokenizer
 from tasks.records import read_jsonl
 from tasks.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
 from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
@@ -38,9 +39,9 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         base = load_params("base", params_dir)
         cfg = load_params("reward", params_dir, overrides)
         check_stage_method(cfg, "reward", f"{params_dir}/reward.yaml")
-        if model_kind(input_dir) != "full":
-            raise UserError(f"{input_dir}: the reward model starts from full SFT weights; this folder holds a "
-                            "non-mergeable adapter (see the chaining table in README.md)")
+        init_dir, note = full_weights_of(input_dir)
+        if note:
+            print(f"warning: reward: {note}", file=sys.stderr)
         tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
         check_same_tokenizer(tokenizer, {"sft": input_dir})
         prefs = Path(data_dir) / "preferences"
@@ -53,7 +54,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
     inputs = {"model": input_dir, "preferences": str(prefs)}
     input_hashes = {k: hash_path(v) for k, v in inputs.items()}
     pad = tokenizer.pad_token_id
-    model = init_reward_model(input_dir, pad, base.seed, base.trust_remote_code)
+    model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code)
 
     with StageRecord("reward", experiment=base.tracking.experiment, params=params,
                      run_name=run_name("reward", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
@@ -71,7 +72,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         t = cfg.training
         pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum
         metrics = {"eval": after, "before": before,
-                   "train": train_block(cfg.method, summary, trainable, total,
+                   "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
                                         pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3))}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))

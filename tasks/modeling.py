@@ -35,6 +35,24 @@ def model_kind(folder: str | Path) -> str:
     raise UserError(f"{folder}: not a model folder (no config.json with *.safetensors weights, and no adapter)")
 
 
+def full_weights_of(folder: str | Path) -> tuple[str, str | None]:
+    """The full-weights folder a scalar-head or RL stage starts from, and a note when it is not `folder`.
+
+    A non-mergeable output (prefix/prompt/ptuning/ptuning_v2/bottleneck) cannot be merged into weights, so
+    reward and PPO start from the weights it was trained on (its `base_model_name_or_path`, i.e. the stage
+    before it) and say so: the adapter conditions generation but is not carried into RL. This keeps
+    `dvc exp run -S params/sft.yaml:method=<any>` running end to end."""
+    kind = model_kind(folder)
+    if kind == "full":
+        return str(folder), None
+    name = "adapter_config.json" if kind == "peft" else bottleneck.CONFIG_NAME
+    base = read_json(Path(folder) / name).get("base_model_name_or_path")
+    if not base or model_kind(base) != "full":
+        raise UserError(f"{folder}: a '{kind}' adapter whose base ({base}) is not a full-weights folder")
+    return str(base), (f"{folder} holds a non-mergeable {kind} adapter; starting from its base weights {base} "
+                       "(the adapter is not carried into this stage)")
+
+
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     folder = Path(folder)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

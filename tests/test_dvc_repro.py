@@ -71,3 +71,17 @@ def test_pipeline_then_dvc_agree(repo):
     out = pipe("Which module defines `dumps`?", max_new_tokens=4, do_sample=False)
     assert isinstance(out[0]["generated_text"], str)
     assert "Model registry" in (root / "reports" / "pipeline" / "report.md").read_text()
+
+
+def test_dvc_experiment_with_a_virtual_token_sft(repo):
+    """`dvc exp run -S params/sft.yaml:method=prefix` runs end to end: the non-mergeable SFT is saved as an
+    adapter, reward and PPO start from its base weights (and say so), and `dvc exp show` lists the run."""
+    root, env = repo
+    out = subprocess.run("dvc exp run -S params/sft.yaml:method=prefix", shell=True, cwd=root, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "not carried" in out.stdout + out.stderr
+    assert (root / "models" / "sft" / "adapter_config.json").is_file()
+    shown = sh("dvc exp show --json", root, env)
+    assert '"prefix"' in shown
+

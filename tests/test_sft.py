@@ -85,3 +85,16 @@ def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):
     state = sft_flow(overrides=SMALL, return_state=True)
     assert state.is_failed() and "non-mergeable 'bottleneck' adapter" in state.message
     assert not (sft_project / "models" / "sft").exists()
+
+
+def test_rl_stages_start_from_the_base_of_a_non_mergeable_sft(sft_project):
+    from tasks.bottleneck import add_adapters, save_adapters
+    from tasks.config import AdapterArgs
+    from tasks.modeling import full_weights_of
+
+    sft = sft_project / "models" / "sft"
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(sft_project / "models" / "dapt"), AdapterArgs(bottleneck=4))
+    save_adapters(model, sft, base_model_name_or_path=str(sft_project / "models" / "dapt"))
+    folder, note = full_weights_of(sft)
+    assert folder == str(sft_project / "models" / "dapt") and "not carried" in note
+    assert full_weights_of(sft_project / "models" / "dapt") == (str(sft_project / "models" / "dapt"), None)
