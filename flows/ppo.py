@@ -72,6 +72,10 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     render = lambda recs: [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
                            for r in recs]
     train_prompts, val_prompts = render(train_records), render(val_records)
+    keep = [i for i, p in enumerate(train_prompts) if len(p) <= cfg.max_prompt_tokens]
+    if not keep:
+        return refuse(UserError(f"{prompts_dir}/train.jsonl: no prompt within max_prompt_tokens={cfg.max_prompt_tokens}"))
+    train_records, train_prompts = [train_records[i] for i in keep], [train_prompts[i] for i in keep]
 
     torch.manual_seed(base.seed)
     ref_model = None

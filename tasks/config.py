@@ -220,6 +220,7 @@ class PPOParams(MethodParams):
     lr: float = Field(1e-4, gt=0)
     value_lr: float = Field(1e-4, gt=0)
     max_new_tokens: int = Field(32, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0)  # longer training prompts are left out (rollout cost ~ length)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

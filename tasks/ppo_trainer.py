@@ -160,7 +160,7 @@ class PPOTrainer:
                 for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clipfrac),
                              ("value_clip_fraction", vf_clipfrac), ("approx_kl", approx_kl),
                              ("entropy", masked_mean(entropy, m))):
-                    stats[k].append(float(v))
+                    stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
         seq_kl = float((kl * mask).sum(-1).mean())
         self.kl_ctl.update(seq_kl, n)
         seconds = time.perf_counter() - t0
