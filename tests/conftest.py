@@ -98,3 +98,24 @@ def prepared(tmp_path_factory, tiny_base) -> Path:
     finally:
         os.chdir(cwd)
     return root / "out"
+
+
+# ---- the reliability numbers (issue: "the suite prints how many crash points, bad inputs, faults") -----
+RELIABILITY = {"crash points": ("test_crash_resume.py", "test_resume.py", "test_ppo.py::test_resume"),
+               "bad inputs": ("test_bad_inputs.py", "test_records.py::test_bad_record", "test_config.py"),
+               "fault cases": ("test_faults.py",)}
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = {k: [0, 0] for k in RELIABILITY}
+    for outcome in ("passed", "failed", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if getattr(rep, "when", "call") != "call" and outcome == "passed":
+                continue
+            for kind, needles in RELIABILITY.items():
+                if any(n in rep.nodeid for n in needles):
+                    counts[kind][0] += 1
+                    counts[kind][1] += outcome == "passed"
+    if any(total for total, _ in counts.values()):
+        terminalreporter.write_line("reliability: " + ", ".join(f"{kind} {ok}/{total} passed"
+                                                                for kind, (total, ok) in counts.items()))
