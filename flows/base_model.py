@@ -1,8 +1,6 @@
 """Stage `base_model`: import the base checkpoint into models/base/ as a plain HF folder."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,7 +12,7 @@ from tasks.errors import UserError
 from tasks.evaluate import generate
 from tasks.manifest import build_manifest, tokenizer_fingerprint, write_manifest
 from tasks.methods import count_parameters
-from tasks.stage import refuse, run_cli, run_name, summary_markdown
+from tasks.stage import refuse, run_name, stage_main, summary_markdown
 from tasks.tracking import StageRecord
 
 SMOKE_PROMPT = "What is the capital of France?"
@@ -58,8 +56,7 @@ def base_model_flow(params_dir: str = "params", out_dir: str = "models/base", ov
     return info
 
 
-def main() -> None:
-    run_cli(base_model_flow, precheck=lambda: (load_params("base"), load_params("base_model")))
+main = stage_main(base_model_flow, 'base_model')
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_write_json, atomic_write_text
+from tasks.atomic import atomic_write_text
 from tasks.config import load_params
-from tasks.errors import UserError, exit_on_user_error
-from tasks.stage import cli_kwargs, refuse, run_cli, run_name
+from tasks.errors import UserError
+from tasks.stage import refuse, run_name, stage_main
 from tasks.tracking import StageRecord
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
@@ -148,12 +148,7 @@ def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", dat
     return rows
 
 
-@exit_on_user_error
-def main() -> None:
-    kwargs = cli_kwargs()
-    kwargs.pop("overrides", None)
-    run_cli(compare_flow, precheck=lambda: load_params("compare", kwargs.get("params_dir", "params")),
-            **{k: v for k, v in kwargs.items() if k in ("params_dir", "input_dir", "data_dir", "out_dir")})
+main = stage_main(compare_flow, 'compare')
 
 
 if __name__ == "__main__":

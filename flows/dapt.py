@@ -15,7 +15,7 @@ from tasks.manifest import hash_obj, hash_path
 from tasks.methods import apply_method, count_parameters, get_method
 from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
-from tasks.stage import flow_run_namer, checkpoint_dir, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import checkpoint_dir, flow_run_namer, refuse, run_name, stage_main, summary_markdown
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -89,8 +89,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
     return metrics
 
 
-def main() -> None:
-    run_cli(dapt_flow, precheck=lambda: get_method(load_params("dapt"), "params/dapt.yaml") and load_params("base"))
+main = stage_main(dapt_flow, 'dapt')
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tasks.artifacts import Progress, metrics_table, publish_summary
 from tasks.config import load_params
-from tasks.errors import UserError, exit_on_user_error
+from tasks.errors import UserError
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
 from tasks.methods import apply_method, check_stage_method, count_parameters
 from tasks.modeling import full_weights_of, load_causal_lm, load_tokenizer, model_kind
@@ -24,7 +24,14 @@ from tasks.ppo_eval import decode_responses, evaluate_policy, rm_scores
 from tasks.ppo_trainer import PPOTrainer
 from tasks.records import read_jsonl
 from tasks.sft_data import chat_ids
-from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import (
+    checkpoint_dir,
+    flow_run_namer,
+    refuse,
+    run_name,
+    stage_main,
+    summary_markdown,
+)
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output
 from tasks.training import peak_memory_mb
@@ -141,12 +148,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     return metrics
 
 
-@exit_on_user_error
-def main() -> None:
-    kwargs = cli_kwargs()
-    pdir = kwargs.get("params_dir", "params")
-    run_cli(ppo_flow, precheck=lambda: check_stage_method(load_params("ppo", pdir, kwargs.get("overrides")), "ppo",
-                                                          f"{pdir}/ppo.yaml"), **kwargs)
+main = stage_main(ppo_flow, 'ppo')
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from tasks.config import load_params
 from tasks.errors import UserError
 from tasks.modeling import load_tokenizer
 from tasks.prepare_data import prepare_all
-from tasks.stage import refuse, run_cli, run_name, summary_markdown
+from tasks.stage import refuse, run_name, stage_main, summary_markdown
 from tasks.tracking import StageRecord
 
 
@@ -45,8 +45,7 @@ def prepare_flow(params_dir: str = "params", model_dir: str = "models/base", out
     return report
 
 
-def main() -> None:
-    run_cli(prepare_flow, precheck=lambda: (load_params("base"), load_params("prepare")))
+main = stage_main(prepare_flow, 'prepare')
 
 
 if __name__ == "__main__":

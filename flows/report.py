@@ -13,7 +13,7 @@ from tasks.artifacts import publish_summary
 from tasks.atomic import atomic_dir
 from tasks.config import load_params
 from tasks.registry import register_policy
-from tasks.stage import run_cli, run_name
+from tasks.stage import run_name, stage_main
 from tasks.tracking import StageRecord
 
 STAGES = ("base_model", "prepare", "dapt", "sft", "reward", "ppo", "compare")
@@ -130,8 +130,7 @@ def report_flow(params_dir: str = "params", metrics_dir: str = "metrics", plots_
     return markdown
 
 
-def main() -> None:
-    run_cli(report_flow)
+main = stage_main(report_flow, 'report')
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Progress, metrics_table, publish_summary
 from tasks.config import load_params
-from tasks.errors import UserError, exit_on_user_error
+from tasks.errors import UserError
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
 from tasks.methods import apply_method, check_stage_method, count_parameters
 from tasks.modeling import full_weights_of, load_tokenizer
 from tasks.records import read_jsonl
 from tasks.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
-from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import (
+    checkpoint_dir,
+    flow_run_namer,
+    refuse,
+    run_name,
+    stage_main,
+    summary_markdown,
+)
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -88,12 +95,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
     return metrics
 
 
-@exit_on_user_error
-def main() -> None:
-    kwargs = cli_kwargs()
-    pdir = kwargs.get("params_dir", "params")
-    run_cli(reward_flow, precheck=lambda: check_stage_method(load_params("reward", pdir, kwargs.get("overrides")),
-                                                             "reward", f"{pdir}/reward.yaml"), **kwargs)
+main = stage_main(reward_flow, 'reward')
 
 
 if __name__ == "__main__":

@@ -6,16 +6,23 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import Progress, metrics_table, publish_summary
+from tasks.artifacts import Progress, publish_summary
 from tasks.config import load_params
-from tasks.errors import UserError, exit_on_user_error
+from tasks.errors import UserError
 from tasks.manifest import hash_obj, hash_path
 from tasks.methods import apply_method, count_parameters, get_method
 from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
 from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
 from tasks.sft_eval import evaluate_tasks
-from tasks.stage import flow_run_namer, checkpoint_dir, cli_kwargs, refuse, run_cli, run_name, summary_markdown
+from tasks.stage import (
+    checkpoint_dir,
+    flow_run_namer,
+    refuse,
+    run_name,
+    stage_main,
+    summary_markdown,
+)
 from tasks.tracking import StageRecord
 from tasks.train_stage import save_stage_output, train_block
 from tasks.training import run_trainer
@@ -109,12 +116,7 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
     return metrics
 
 
-@exit_on_user_error
-def main() -> None:
-    kwargs = cli_kwargs()
-    pdir = kwargs.get("params_dir", "params")
-    run_cli(sft_flow, precheck=lambda: get_method(load_params("sft", pdir, kwargs.get("overrides")),
-                                                  f"{pdir}/sft.yaml") and load_params("base", pdir), **kwargs)
+main = stage_main(sft_flow, 'sft')
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import UserError
 
@@ -79,11 +79,12 @@ class MethodParams(Strict):
     ptuning: PtuningArgs = Field(default_factory=PtuningArgs)
     ptuning_v2: PtuningV2Args = Field(default_factory=PtuningV2Args)
 
-    @model_validator(mode="after")
-    def _known_method(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method '{self.method}' (known: {', '.join(METHODS)})")
-        return self
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}' (known: {', '.join(METHODS)})")
+        return value
 
     @property
     def method_args(self) -> Strict | None:

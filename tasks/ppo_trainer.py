@@ -19,8 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.config import PPOParams
-from tasks.ppo_math import (clipped_policy_loss, clipped_value_loss, explained_variance, gae_advantages,
-                            kl_per_token, make_kl_controller, masked_mean, masked_whiten, per_token_rewards)
+from tasks.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae_advantages,
+    kl_per_token,
+    make_kl_controller,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+)
 from tasks.ppo_rollout import Rollout, policy_stats, sample, values
 
 RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, rollout) -> raw scores [B]

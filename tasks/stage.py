@@ -127,3 +127,34 @@ def run_cli(flow_fn, precheck=None, **kwargs) -> None:
 def summary_markdown(stage: str, title: str, lines: dict[str, object], run_url: str, out_dir: str) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in lines.items())
     return (f"# {stage}: {title}\n\nOutput: `{out_dir}`  \nMLflow: {run_url}\n\n| | |\n|---|---|\n{rows}\n")
+
+
+def stage_main(flow_fn, stage: str | None):
+    """The `python -m flows.<stage>` entry point: parse `--set`/`--*-dir` options (refusing ones this flow
+    does not take), validate params (and the method, where the stage has one) before the flow starts."""
+    import inspect
+
+    from tasks.config import load_params
+    from tasks.errors import exit_on_user_error
+    from tasks.methods import check_stage_method
+
+    @exit_on_user_error
+    def main(argv: list[str] | None = None) -> None:
+        kwargs = cli_kwargs(argv)
+        accepted = inspect.signature(flow_fn.fn).parameters
+        for key in kwargs:
+            if key not in accepted:
+                raise UserError(f"{'--set' if key == 'overrides' else '--' + key.replace('_', '-')}: "
+                                f"not an option of stage '{stage or flow_fn.name}'")
+        pdir = kwargs.get("params_dir", "params")
+
+        def precheck():
+            load_params("base", pdir)
+            if stage is not None:
+                cfg = load_params(stage, pdir, kwargs.get("overrides"))
+                if hasattr(cfg, "method"):
+                    check_stage_method(cfg, stage, f"{pdir}/{stage}.yaml")
+
+        run_cli(flow_fn, precheck=precheck, **kwargs)
+
+    return main

@@ -7,7 +7,8 @@ from tasks.errors import UserError
 from tasks.records import SCHEMAS, check_record, load_valid
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 def jsonl(tmp_path, lines, name="d.jsonl"):
