@@ -62,7 +62,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
                            "data_hash": input_hashes["corpus"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
         before = evaluate_lm(model, val_rows, collate, cfg)
         gens_before = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
-        model = apply_method(model, cfg, "CAUSAL_LM", input_dir)
+        model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"dapt: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
               f"({100 * trainable / total:.3f}%), {len(train_rows)} rows of {cfg.block_size} tokens")

@@ -89,8 +89,9 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     if cfg.method == "full":  # a frozen copy; LoRA-style policies use their own weights with the adapter off
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.config.use_cache = True  # generation-heavy: keep the KV cache
-    policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir)
-    value_model = apply_method(load_scalar_model(reward_dir, base.trust_remote_code), cfg, "SEQ_CLS", reward_dir)
+    policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
+    value_model = apply_method(load_scalar_model(reward_dir, base.trust_remote_code), cfg, "SEQ_CLS", reward_dir,
+                               seed=base.seed)
     reward_model = load_scalar_model(reward_dir, base.trust_remote_code).eval().requires_grad_(False)
     trainable, total = count_parameters(policy)
 

@@ -68,7 +68,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
                            "data_hash": input_hashes["preferences"][:12]}) as rec:
         before = evaluate_rm(model, val, pad, cfg)
-        model = apply_method(model, cfg, "SEQ_CLS", input_dir)
+        model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
         summary = train_rm(model, train, PairCollator(pad), cfg, checkpoint_dir("reward", params, input_hashes),

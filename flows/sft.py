@@ -82,7 +82,7 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
             before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         else:
             before, samples_before = None, []
-        model = apply_method(model, cfg, "CAUSAL_LM", input_dir)
+        model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
               f"({100 * trainable / total:.3f}%); {len(rows)} rows, mixture share {share}")

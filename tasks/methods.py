@@ -100,8 +100,11 @@ def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None
     return None
 
 
-def apply_method(model, params: MethodParams, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
-    """Make only the method's parameters trainable; return the model to train."""
+def apply_method(model, params: MethodParams, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None,
+                 seed: int = 0):
+    """Make only the method's parameters trainable; return the model to train. New weights (LoRA A, adapters,
+    prompts) are initialised from `seed`, not from whatever the RNG saw before, so reruns start identically."""
+    torch.manual_seed(seed)
     name = params.method
     if name == "full":
         for p in model.parameters():
