@@ -1,7 +1,7 @@
 """Register the final policy in the MLflow model registry and move the `champion` alias only when its
 evaluation beats the current champion's (aliases, not the deprecated registry stages).
 
-    mlflow.transformers.load_model("models:/llm-refinery-policy@champion")  # a text-generation pipeline
+    mlflow.pyfunc.load_model("models:/llm-refinery-policy@champion").predict(["a prompt"])  # -> answers
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def register_policy(model_dir: str | Path, ppo_eval: dict, args: RegistryArgs) -
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     client = MlflowClient()
     try:
@@ -39,11 +38,9 @@ def register_policy(model_dir: str | Path, ppo_eval: dict, args: RegistryArgs) -
     except MlflowException:
         current, champion = None, None
     alias, why = decide(ppo_eval, champion if champion and "win_rate_vs_sft" in champion else None, args)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
-                                         task="text-generation", name="policy",
-                                         registered_model_name=args.model_name)
+    code = Path(__file__).with_name("policy_pyfunc.py")
+    info = mlflow.pyfunc.log_model(name="policy", python_model=str(code), artifacts={"policy": str(model_dir)},
+                                   registered_model_name=args.model_name, input_example=["a prompt"])
     version = str(info.registered_model_version)
     for key in ("win_rate_vs_sft", "reference_score_policy", "reward_policy", "kl"):
         client.set_model_version_tag(args.model_name, version, key, str(ppo_eval[key]))

@@ -67,9 +67,9 @@ def test_pipeline_then_dvc_agree(repo):
     assert {"dapt", "sft", "reward", "ppo"} <= set(children["tags.stage"])
     assert children[children["tags.stage"] == "ppo"]["metrics.eval.win_rate_vs_sft"].notna().all()
 
-    pipe = mlflow.transformers.load_model("models:/llm-refinery-policy@champion")  # the registered champion
-    out = pipe("Which module defines `dumps`?", max_new_tokens=4, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str)
+    champion = mlflow.pyfunc.load_model("models:/llm-refinery-policy@champion")  # the registered champion
+    out = champion.predict(["Which module defines `dumps`?"], params={"max_new_tokens": 4})
+    assert len(out) == 1 and isinstance(out[0], str)
     assert "Model registry" in (root / "reports" / "pipeline" / "report.md").read_text()
 
 
