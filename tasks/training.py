@@ -35,6 +35,12 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def start_step(checkpoint: Path) -> int:
+    import json
+
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -122,7 +128,15 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
 
         start_tokens = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and start_step(resume) >= targs.max_steps:
+        # killed after its last checkpoint: training is done, only the weights are needed (Trainer would run
+        # one step past max_steps if asked to resume from the final checkpoint)
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     tokens = trainer.state.num_input_tokens_seen - start_tokens
     history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm"),

@@ -50,3 +50,11 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()  # cut off mid-save: no trainer_state.json
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
     assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_killed_after_the_last_checkpoint_does_not_train_past_max_steps(tiny_base, prepared, tmp_path):
+    summary, _ = train(tiny_base, prepared, tmp_path / "run")
+    again, model = train(tiny_base, prepared, tmp_path / "run")  # all checkpoints there: nothing left to do
+    assert again.resumed_from == 6 and again.steps == 6
+    ref = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))  # trained weights
