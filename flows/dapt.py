@@ -12,7 +12,7 @@ from tasks.dapt_data import corpus_rows, sample_prompts
 from tasks.errors import UserError
 from tasks.evaluate import eval_loss, generate
 from tasks.manifest import hash_obj, hash_path
-from tasks.methods import apply_method, count_parameters, get_method
+from tasks.methods import REGISTRY, apply_method, count_parameters, get_method
 from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
 from tasks.stage import checkpoint_dir, flow_run_namer, refuse, run_name, stage_main, summary_markdown
@@ -32,7 +32,7 @@ def evaluate_lm(model, rows, collate, cfg) -> dict:
 def train_lm(model, rows, collate, cfg, ckpt, seed, rec, progress):
     count = "all" if "position_ids" in rows[0] else "non_padding"
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       count_tokens=count)[0]
+                       count_tokens=count, resumable=REGISTRY[cfg.method].resumable)[0]
 
 
 @flow(name="dapt", flow_run_name=flow_run_namer("dapt"))

@@ -10,7 +10,7 @@ from tasks.artifacts import Progress, publish_summary
 from tasks.config import load_params
 from tasks.errors import UserError
 from tasks.manifest import hash_obj, hash_path
-from tasks.methods import apply_method, count_parameters, get_method
+from tasks.methods import REGISTRY, apply_method, count_parameters, get_method
 from tasks.modeling import load_causal_lm, load_tokenizer
 from tasks.packing import PadCollator
 from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
@@ -36,7 +36,7 @@ def evaluate_sft(model, tokenizer, val, metrics, cfg):
 @task(cache_policy=NO_CACHE)
 def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       count_tokens=count_tokens)[0]
+                       count_tokens=count_tokens, resumable=REGISTRY[cfg.method].resumable)[0]
 
 
 def plan(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None):

@@ -32,6 +32,9 @@ class Method:
     packing: bool
     needs_cuda: bool = False
     virtual_tokens: bool = False
+    # peft 0.21 cannot load a Trainer checkpoint of prefix tuning *with* its projection MLP on a GQA model
+    # (size mismatch on the prompt encoder): such a run restarts instead of resuming, and says so
+    resumable: bool = True
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in [
@@ -40,7 +43,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("qlora", mergeable=True, packing=True, needs_cuda=True),
     Method("adapter", mergeable=False, packing=True),
     Method("ia3", mergeable=True, packing=True),
-    Method("prefix", mergeable=False, packing=False, virtual_tokens=True),
+    Method("prefix", mergeable=False, packing=False, virtual_tokens=True, resumable=False),
     Method("ptuning_v2", mergeable=False, packing=False, virtual_tokens=True),
     Method("prompt", mergeable=False, packing=False, virtual_tokens=True),
     Method("ptuning", mergeable=False, packing=False, virtual_tokens=True),

@@ -111,8 +111,11 @@ def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tok
 
 def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: Path, seed: int,
                 record=None, progress=None, trainer_cls=Trainer, count_tokens: str = "all",
-                callbacks: list | None = None, **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
+                callbacks: list | None = None, resumable: bool = True, **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
     """Train to `targs.max_steps`, resuming from the last complete checkpoint in `ckpt_dir` if any."""
+    if not resumable and ckpt_dir.exists():
+        print(f"warning: this method's checkpoints cannot be resumed; starting over (removing {ckpt_dir})")
+        shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(ckpt_dir)
     if hasattr(model, "config"):
