@@ -84,17 +84,6 @@ def skip_stage(stage: str, reason: str):
     return Completed(name="Skipped", message=f"{stage}: {reason}")
 
 
-def _describe(status: dict) -> str:
-    parts = []
-    for entry in status.get(next(iter(status), ""), []):
-        if isinstance(entry, dict):
-            for kind, changes in entry.items():
-                parts.append(f"{kind}: {', '.join(changes) if isinstance(changes, dict) else changes}")
-        else:
-            parts.append(str(entry))
-    return "; ".join(parts)[:300]
-
-
 @flow(name="pipeline", flow_run_name="{name}")
 def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, overrides: dict | None = None,
                   force: bool = False, name: str = "pipeline"):

@@ -9,7 +9,6 @@ never dies for a tracking error.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -238,7 +237,3 @@ def _plot_png(rows: list[dict], path: Path, x: str, ys: tuple[str, ...], title: 
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i:i + n]
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -35,10 +35,11 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def start_step(checkpoint: Path) -> int:
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer_state.json of a checkpoint (step reached, tokens seen, log history)."""
     import json
 
-    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+    return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
 def peak_memory_mb() -> float:
@@ -125,13 +126,10 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
                           data_collator=collator, callbacks=[callback, *(callbacks or [])], **trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
-    start_tokens = 0
-    if resume is not None:
-        import json
-
-        start_tokens = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+    resumed = checkpoint_state(resume) if resume is not None else {}
+    start_tokens = resumed.get("num_input_tokens_seen", 0)
     t0 = time.perf_counter()
-    if resume is not None and start_step(resume) >= targs.max_steps:
+    if resumed.get("global_step", 0) >= targs.max_steps:
         # killed after its last checkpoint: training is done, only the weights are needed (Trainer would run
         # one step past max_steps if asked to resume from the final checkpoint)
         from transformers.trainer_callback import TrainerState
