@@ -11,39 +11,22 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.artifacts import publish_summary
 from tasks.atomic import atomic_write_text
 from tasks.config import load_params
 from tasks.errors import UserError
+from tasks.prefect_link import fan_out_runner, run_child_flow
 from tasks.stage import refuse, run_name, stage_main
 from tasks.tracking import StageRecord
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
            "tokens_per_second", "eval_loss", "score", "score_before", "status")
-
-
-def _prefect_api_url() -> str | None:
-    """The API this flow talks to, so that child flow runs land in the same place (the UI shows them)."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if url:
-        return str(url)
-    try:  # the ephemeral server this process started (private API: on any change, children start their own)
-        from prefect.server.api.server import SubprocessASGIServer
-
-        running = [s for s in SubprocessASGIServer._instances.values() if s.running]
-        return running[0].api_url if running else None
-    except Exception:
-        return None
 
 
 @task(cache_policy=NO_CACHE, task_run_name="sft-{method}", retries=0)
@@ -55,9 +38,7 @@ def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out:
             "--record-root", str(folder), "--set", f"method={method}"]
     for k, v in overrides.items():
         args += ["--set", f"{k}={json.dumps(v)}"]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
-    (folder).mkdir(parents=True, exist_ok=True)
-    (folder / "log.txt").write_text(proc.stdout + proc.stderr)
+    proc = run_child_flow("sft", args, env, folder / "log.txt")  # a subflow of this task in the UI
     metrics_file = folder / "metrics" / f"compare-{method.replace('_', '-')}.json"
     if proc.returncode != 0 or not metrics_file.is_file():
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -125,10 +106,8 @@ def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", dat
     with StageRecord("compare", experiment=base.tracking.experiment, params={"compare": cfg.model_dump()},
                      run_name=run_name("compare"), on_unreachable=base.tracking.on_server_unreachable) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
-        if (api := _prefect_api_url()) is not None:
-            env["PREFECT_API_URL"] = api
         base_overrides = {"training.max_steps": cfg.max_steps, **cfg.sft_overrides}
-        with ThreadPoolTaskRunner(max_workers=cfg.parallel) as runner:
+        with fan_out_runner(cfg.task_runner, cfg.parallel) as runner:
             futures = [runner.submit(run_method, {
                 "method": m, "params_dir": params_dir, "input_dir": input_dir, "data_dir": data_dir, "out": out_dir,
                 "overrides": {**base_overrides, **({"training.lr": cfg.lr[m]} if m in cfg.lr else {})}, "env": env})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -35,25 +36,44 @@ def train_lm(model, rows, collate, cfg, ckpt, seed, rec, progress):
                        count_tokens=count, resumable=REGISTRY[cfg.method].resumable)[0]
 
 
+def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
+    """Params, model, tokenizer and rows, checked before anything trains (every rank builds the same)."""
+    base = load_params("base", params_dir)
+    cfg = load_params("dapt", params_dir, overrides)
+    method = get_method(cfg, f"{params_dir}/dapt.yaml")
+    model = load_causal_lm(input_dir, base.trust_remote_code)
+    tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+    corpus = Path(data_dir) / "corpus"
+    train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
+    val_rows = corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing)
+    params = {"base": base.model_dump(), "dapt": cfg.model_dump()}
+    inputs = {"model": input_dir, "corpus": str(corpus)}
+    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
+    return SimpleNamespace(base=base, cfg=cfg, model=model, tokenizer=tokenizer, corpus=corpus,
+                           train_rows=train_rows, val_rows=val_rows, params=params, inputs=inputs,
+                           input_hashes=input_hashes, ckpt=checkpoint_dir("dapt", params, input_hashes),
+                           collate=PadCollator(tokenizer.pad_token_id))
+
+
+def train_worker(params_dir: str = "params", input_dir: str = "models/base", data_dir: str = "data/prepared",
+                 overrides: dict | None = None, **_) -> None:
+    """A non-zero rank of a multi-process dapt: the same model and rows, trained in step with rank 0."""
+    job = load_inputs(params_dir, input_dir, data_dir, overrides)
+    model = apply_method(job.model, job.cfg, "CAUSAL_LM", input_dir, seed=job.base.seed)
+    train_lm.fn(model, job.train_rows, job.collate, job.cfg, job.ckpt, job.base.seed, None, None)
+
+
 @flow(name="dapt", flow_run_name=flow_run_namer("dapt"))
 def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_dir: str = "data/prepared",
               out_dir: str = "models/dapt", overrides: dict | None = None):
     try:
-        base = load_params("base", params_dir)
-        cfg = load_params("dapt", params_dir, overrides)
-        method = get_method(cfg, f"{params_dir}/dapt.yaml")
-        model = load_causal_lm(input_dir, base.trust_remote_code)
-        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
-        corpus = Path(data_dir) / "corpus"
-        train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
-        val_rows = corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing)
+        job = load_inputs(params_dir, input_dir, data_dir, overrides)
     except UserError as exc:
         return refuse(exc)
-    params = {"base": base.model_dump(), "dapt": cfg.model_dump()}
-    inputs = {"model": input_dir, "corpus": str(corpus)}
-    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
-    ckpt = checkpoint_dir("dapt", params, input_hashes)
-    collate = PadCollator(tokenizer.pad_token_id)
+    base, cfg, model, tokenizer, corpus = job.base, job.cfg, job.model, job.tokenizer, job.corpus
+    train_rows, val_rows, params, inputs, input_hashes = (job.train_rows, job.val_rows, job.params, job.inputs,
+                                                          job.input_hashes)
+    ckpt, collate = job.ckpt, job.collate
     prompts = sample_prompts(corpus / "validation.jsonl", cfg.eval.num_samples)
 
     with StageRecord("dapt", experiment=base.tracking.experiment, params=params,
@@ -89,7 +109,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
     return metrics
 
 
-main = stage_main(dapt_flow, 'dapt')
+main = stage_main(dapt_flow, 'dapt', worker=train_worker)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from prefect.states import Completed
 
 from tasks.artifacts import publish_summary
 from tasks.config import load_params
-from tasks.dag import stage_order, stage_status
+from tasks.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from tasks.errors import UserError, exit_on_user_error
+from tasks.prefect_link import child_env, close_unfinished
 from tasks.stage import refuse, run_cli, run_name
 from tasks.tracking import StageRecord
 
@@ -72,11 +73,32 @@ def dvc_status(stage: str) -> dict:
 
 @task(cache_policy=NO_CACHE, retries=0)  # a training failure is deterministic: no retry
 def run_stage(stage: str, env: dict) -> str:
+    env, linked = child_env(flow_name(stage), env)  # the stage's flow run shows as this task's subflow
     proc = subprocess.run(["dvc", "repro", "--single-item", stage], env=env)
+    close_unfinished(linked, proc.returncode)
     if proc.returncode != 0:
         raise RuntimeError(f"stage '{stage}' failed (dvc repro exit code {proc.returncode}); its previous "
                            "output is untouched and a rerun resumes from its last checkpoint")
     return "ran"
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def tag_dvc_hash(stage: str, parent_run_id: str) -> str | None:
+    """DVC's view of what the stage ran on (cmd, deps' md5s, params in dvc.lock), as a tag on the stage's
+    MLflow child run and on the pipeline run, so an MLflow run can be matched to a dvc.lock entry."""
+    digest = locked_stage_hash(stage)
+    if digest is None:
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(parent_run_id, f"dvc_stage_hash.{stage}", digest[:16])
+    children = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'")
+    for run in children:
+        client.set_tag(run.info.run_id, "dvc_stage_hash", digest[:16])
+    return digest
 
 
 @task(cache_policy=NO_CACHE)
@@ -94,19 +116,15 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
     except UserError as exc:
         return refuse(exc)
     from prefect.context import FlowRunContext
-    from prefect.settings import get_current_settings
 
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx else ""
-    api = get_current_settings().api.url
     results: dict[str, str] = {}
     with StageRecord("pipeline", experiment=base.tracking.experiment,
                      params={"stages": ",".join(stages), "overrides": overrides or {}, "force": force},
                      run_name=name, on_unreachable=base.tracking.on_server_unreachable,
                      tags={"prefect_flow_run_id": flow_run_id}) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id, "REFINERY_PREFECT_FLOW_RUN_ID": flow_run_id}
-        if api:
-            env["PREFECT_API_URL"] = str(api)
         for stage in stages:
             status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
             if status or force:
@@ -115,6 +133,7 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
             else:
                 skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")
                 results[stage] = "skipped (up to date)"
+            tag_dvc_hash.with_options(task_run_name=f"lineage-{stage}")(stage, rec.run_id)
         rec.log_text("\n".join(f"{k}: {v}" for k, v in results.items()), "stages.txt")
         if REPORT.is_file():
             rec.log_artifact(REPORT, "report")

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Progress, metrics_table, publish_summary
 from tasks.config import load_params
+from tasks.distributed import world_size
 from tasks.errors import UserError
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
 from tasks.methods import apply_method, check_stage_method, count_parameters
@@ -39,29 +41,47 @@ def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress):
                        trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin)[0]
 
 
-@flow(name="reward", flow_run_name=flow_run_namer("reward"))
-def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
-                out_dir: str = "models/reward", overrides: dict | None = None):
-    try:
-        base = load_params("base", params_dir)
-        cfg = load_params("reward", params_dir, overrides)
-        check_stage_method(cfg, "reward", f"{params_dir}/reward.yaml")
-        init_dir, note = full_weights_of(input_dir)
-        if note:
-            print(f"warning: reward: {note}", file=sys.stderr)
-        tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
-        check_same_tokenizer(tokenizer, {"sft": input_dir})
-        prefs = Path(data_dir) / "preferences"
-        train = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length)
-        val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
-        val = val[:cfg.eval.max_pairs]
-    except UserError as exc:
-        return refuse(exc)
+def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
+    """Params, tokenizer, pairs and the initial reward model, checked before anything trains (every rank
+    builds the same)."""
+    base = load_params("base", params_dir)
+    cfg = load_params("reward", params_dir, overrides)
+    check_stage_method(cfg, "reward", f"{params_dir}/reward.yaml")
+    init_dir, note = full_weights_of(input_dir)
+    tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+    check_same_tokenizer(tokenizer, {"sft": input_dir})
+    prefs = Path(data_dir) / "preferences"
+    train = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length)
+    val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     params = {"base": base.model_dump(), "reward": cfg.model_dump()}
     inputs = {"model": input_dir, "preferences": str(prefs)}
     input_hashes = {k: hash_path(v) for k, v in inputs.items()}
     pad = tokenizer.pad_token_id
-    model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code)
+    return SimpleNamespace(base=base, cfg=cfg, init_dir=init_dir, note=note, tokenizer=tokenizer, prefs=prefs,
+                           train=train, val=val[:cfg.eval.max_pairs], params=params, inputs=inputs,
+                           input_hashes=input_hashes, pad=pad, ckpt=checkpoint_dir("reward", params, input_hashes),
+                           model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code))
+
+
+def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
+                 overrides: dict | None = None, **_) -> None:
+    """A non-zero rank of a multi-process reward run: the same model and pairs, trained in step with rank 0."""
+    job = load_inputs(params_dir, input_dir, data_dir, overrides)
+    model = apply_method(job.model, job.cfg, "SEQ_CLS", input_dir, seed=job.base.seed)
+    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.ckpt, job.base.seed, None, None)
+
+
+@flow(name="reward", flow_run_name=flow_run_namer("reward"))
+def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
+                out_dir: str = "models/reward", overrides: dict | None = None):
+    try:
+        job = load_inputs(params_dir, input_dir, data_dir, overrides)
+    except UserError as exc:
+        return refuse(exc)
+    if job.note:
+        print(f"warning: reward: {job.note}", file=sys.stderr)
+    base, cfg, init_dir, tokenizer, train, val = job.base, job.cfg, job.init_dir, job.tokenizer, job.train, job.val
+    params, inputs, input_hashes, pad, model = job.params, job.inputs, job.input_hashes, job.pad, job.model
 
     with StageRecord("reward", experiment=base.tracking.experiment, params=params,
                      run_name=run_name("reward", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
@@ -71,13 +91,13 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
-        summary = train_rm(model, train, PairCollator(pad), cfg, checkpoint_dir("reward", params, input_hashes),
+        summary = train_rm(model, train, PairCollator(pad), cfg, job.ckpt,
                            base.seed, rec, Progress("reward"))
         after = evaluate_rm(model, val, pad, cfg)
         manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, inputs,
                                      base.seed)
         t = cfg.training
-        pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum
+        pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum * world_size()
         metrics = {"eval": after, "before": before,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
                                         pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3))}
@@ -95,7 +115,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
     return metrics
 
 
-main = stage_main(reward_flow, 'reward')
+main = stage_main(reward_flow, 'reward', worker=train_worker)
 
 
 if __name__ == "__main__":

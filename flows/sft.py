@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Progress, publish_summary
 from tasks.config import load_params
+from tasks.distributed import world_size
 from tasks.errors import UserError
 from tasks.manifest import hash_obj, hash_path
 from tasks.methods import REGISTRY, apply_method, count_parameters, get_method
@@ -39,8 +41,8 @@ def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens
                        count_tokens=count_tokens, resumable=REGISTRY[cfg.method].resumable)[0]
 
 
-def plan(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None):
-    """Everything that can be wrong with the inputs, checked before a model is trained."""
+def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
+    """Params, model, data and the training rows, checked before anything trains (every rank builds the same)."""
     base = load_params("base", params_dir)
     cfg = load_params("sft", params_dir, overrides)
     method = get_method(cfg, f"{params_dir}/sft.yaml")
@@ -49,7 +51,28 @@ def plan(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None)
     folder = Path(data_dir) / "sft"
     train = {t: load_task(folder, t, "train") for t in cfg.tasks}
     val = {t: load_task(folder, t, "validation") for t in cfg.tasks}
-    return base, cfg, method, tokenizer, model, folder, train, val
+    params = {"base": base.model_dump(), "sft": cfg.model_dump()}
+    inputs = {"model": input_dir, "sft_data": str(folder)}
+    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
+    pools = {t: [render_example(tokenizer, r["prompt"], r["response"]) for r in recs] for t, recs in train.items()}
+    probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
+                          cfg.mixing, cfg.temperature)
+    t = cfg.training
+    rows, counts = build_train_rows(pools, probs, t.max_steps * t.batch_size * t.grad_accum * max(t.nproc_per_node, world_size()),
+                                    cfg.block_size, method.packing, base.seed)
+    return SimpleNamespace(base=base, cfg=cfg, method=method, model=model, tokenizer=tokenizer, folder=folder,
+                           val=val, params=params, inputs=inputs, input_hashes=input_hashes, probs=probs, rows=rows,
+                           counts=counts, collate=PadCollator(tokenizer.pad_token_id),
+                           count_tokens="all" if method.packing else "non_padding")
+
+
+def train_worker(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
+                 overrides: dict | None = None, stage: str = "sft", **_) -> None:
+    """A non-zero rank of a multi-process SFT: the same model and rows, trained in step with rank 0."""
+    job = load_inputs(params_dir, input_dir, data_dir, overrides)
+    model = apply_method(job.model, job.cfg, "CAUSAL_LM", input_dir, seed=job.base.seed)
+    train_sft.fn(model, job.rows, job.collate, job.cfg, checkpoint_dir(stage, job.params, job.input_hashes),
+                 job.base.seed, None, None, job.count_tokens)
 
 
 @flow(name="sft", flow_run_name=flow_run_namer("sft"))
@@ -58,21 +81,15 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
     """`stage`/`record_root` let the method comparison run this same flow per method without touching
     metrics/sft.json (its records go under reports/compare/<method>/)."""
     try:
-        base, cfg, method, tokenizer, model, folder, train, val = plan(params_dir, input_dir, data_dir, overrides)
+        job = load_inputs(params_dir, input_dir, data_dir, overrides)
     except UserError as exc:
         return refuse(exc)
-    params = {"base": base.model_dump(), "sft": cfg.model_dump()}
-    inputs = {"model": input_dir, "sft_data": str(folder)}
-    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
-    pools = {t: [render_example(tokenizer, r["prompt"], r["response"]) for r in recs] for t, recs in train.items()}
-    probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
-                          cfg.mixing, cfg.temperature)
-    t = cfg.training
-    rows, counts = build_train_rows(pools, probs, t.max_steps * t.batch_size * t.grad_accum, cfg.block_size,
-                                    method.packing, base.seed)
+    base, cfg, tokenizer, model, folder, val = job.base, job.cfg, job.tokenizer, job.model, job.folder, job.val
+    params, inputs, input_hashes, probs, rows, counts = (job.params, job.inputs, job.input_hashes, job.probs,
+                                                         job.rows, job.counts)
     share = {k: round(v / max(sum(counts.values()), 1), 4) for k, v in counts.items()}
     metric_of = {k: s.metric for k, s in cfg.tasks.items()}
-    collate = PadCollator(tokenizer.pad_token_id)
+    collate = job.collate
 
     with StageRecord(stage, experiment=base.tracking.experiment, params=params, run_name=run_name(stage, cfg.method),
                      root=Path(record_root), on_unreachable=base.tracking.on_server_unreachable,
@@ -87,7 +104,7 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
               f"({100 * trainable / total:.3f}%); {len(rows)} rows, mixture share {share}")
         summary = train_sft(model, rows, collate, cfg, checkpoint_dir(stage, params, input_hashes), base.seed, rec,
-                            Progress(stage), "all" if method.packing else "non_padding")
+                            Progress(stage), job.count_tokens)
         after, samples_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
         metrics = {**({"before": before} if before else {}), "after": after,
@@ -116,7 +133,7 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
     return metrics
 
 
-main = stage_main(sft_flow, 'sft')
+main = stage_main(sft_flow, 'sft', worker=train_worker)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,11 @@ class TrainingArgs(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # Processes for this stage (tasks/distributed.py): >1 relaunches it under torchrun (DDP: gloo on CPU, nccl
+    # on GPU); `accelerate_config` (e.g. configs/accelerate/fsdp.yaml) relaunches it with `accelerate launch`.
+    # batch_size stays per process: the global batch is batch_size x grad_accum x processes.
+    nproc_per_node: int = Field(1, gt=0)
+    accelerate_config: str | None = None
 
 
 class EvalArgs(Strict):
@@ -262,7 +267,8 @@ class CompareParams(Strict):
     methods: list[str] = Field(default_factory=lambda: ["full", "lora", "adapter", "ia3", "prefix", "prompt",
                                                         "ptuning", "ptuning_v2"])
     max_steps: int = Field(8, gt=0)
-    parallel: int = Field(1, gt=0)  # concurrent methods (Prefect thread pool); 1 on a small CPU machine
+    parallel: int = Field(1, gt=0)  # concurrent methods (each its own process); 1 on a small CPU machine
+    task_runner: Literal["thread", "dask"] = "thread"  # dask: prefect-dask's local cluster (or DASK_SCHEDULER_ADDRESS)
     lr: dict[str, float] = Field(default_factory=dict)  # per-method learning rate overrides
     sft_overrides: dict[str, Any] = Field(default_factory=dict)  # dotted params/sft.yaml keys, for every method
 

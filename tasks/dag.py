@@ -23,3 +23,30 @@ def stage_status(name: str, root: str | Path = ".") -> dict:
 
     with Repo(str(root)) as repo:
         return repo.status(targets=[name])
+
+
+# The Prefect flow each stage's command runs (its `@flow(name=...)`); tests/test_pipeline.py checks them.
+FLOW_NAMES = {"compare": "compare_methods"}
+
+
+def flow_name(stage: str) -> str:
+    return FLOW_NAMES.get(stage, stage)
+
+
+def locked_stage_hash(name: str, root: str | Path = ".") -> str | None:
+    """A hash of what DVC compares to decide a stage is up to date: its command, its deps' md5s and its
+    params values as recorded in dvc.lock (outs left out). None if the stage is not in dvc.lock yet."""
+    import hashlib
+    import json
+
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    entry = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(name)
+    if not entry:
+        return None
+    key = {"cmd": entry.get("cmd"), "params": entry.get("params", {}),
+           "deps": sorted((d["path"], d.get("md5") or d.get("hash")) for d in entry.get("deps", []))}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,9 @@ def prefect_api_or_local():
         return
     print(f"warning: Prefect API {url} is unreachable; running this stage with a temporary local Prefect API",
           file=sys.stderr)
+    from tasks.prefect_link import ENV
+
+    os.environ.pop(ENV, None)  # a flow run in the unreachable API cannot be ours
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         yield
 
@@ -111,8 +115,10 @@ def run_cli(flow_fn, precheck=None, **kwargs) -> None:
     try:
         if precheck is not None:
             precheck()
+        from tasks.prefect_link import run_flow_as_linked
+
         with prefect_api_or_local():
-            state = flow_fn(return_state=True, **kwargs)
+            state = run_flow_as_linked(flow_fn, **kwargs)
     except UserError as exc:  # raised before the flow started (e.g. parameter validation)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -129,32 +135,57 @@ def summary_markdown(stage: str, title: str, lines: dict[str, object], run_url: 
     return (f"# {stage}: {title}\n\nOutput: `{out_dir}`  \nMLflow: {run_url}\n\n| | |\n|---|---|\n{rows}\n")
 
 
-def stage_main(flow_fn, stage: str | None):
+def stage_main(flow_fn, stage: str | None, worker=None):
     """The `python -m flows.<stage>` entry point: parse `--set`/`--*-dir` options (refusing ones this flow
-    does not take), validate params (and the method, where the stage has one) before the flow starts."""
+    does not take), validate params (and the method, where the stage has one) before the flow starts.
+
+    `worker` is what a non-zero rank of a multi-process run does (tasks/distributed.py); a stage without
+    one refuses to run on several processes."""
     import inspect
 
     from tasks.config import load_params
+    from tasks.distributed import is_worker_rank, relaunch, world_size
     from tasks.errors import exit_on_user_error
     from tasks.methods import check_stage_method
 
+    name = stage or flow_fn.name
+
     @exit_on_user_error
     def main(argv: list[str] | None = None) -> None:
+        argv = sys.argv[1:] if argv is None else list(argv)
         kwargs = cli_kwargs(argv)
         accepted = inspect.signature(flow_fn.fn).parameters
         for key in kwargs:
             if key not in accepted:
                 raise UserError(f"{'--set' if key == 'overrides' else '--' + key.replace('_', '-')}: "
-                                f"not an option of stage '{stage or flow_fn.name}'")
+                                f"not an option of stage '{name}'")
+        if is_worker_rank() and worker is not None:
+            worker(**kwargs)
+            return
         pdir = kwargs.get("params_dir", "params")
 
         def precheck():
             load_params("base", pdir)
+            training = None
             if stage is not None:
                 cfg = load_params(stage, pdir, kwargs.get("overrides"))
                 if hasattr(cfg, "method"):
                     check_stage_method(cfg, stage, f"{pdir}/{stage}.yaml")
+                training = getattr(cfg, "training", None)
+            nproc, launcher = (training.nproc_per_node, training.accelerate_config) if training else (1, None)
+            if worker is None and (nproc > 1 or launcher or world_size() > 1):
+                raise UserError(f"stage '{name}' runs in one process (several processes: dapt, sft and reward)")
+            relaunch(_main_module(flow_fn), argv, nproc, launcher)
 
         run_cli(flow_fn, precheck=precheck, **kwargs)
 
     return main
+
+
+def _main_module(flow_fn) -> str:
+    """`flows.sft` when run as `python -m flows.sft` (whose module is then `__main__`)."""
+    module = flow_fn.fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module

@@ -28,6 +28,34 @@ def test_every_stage_cmd_is_its_flow():
         assert f"{module.replace('.', '/')}.py" in spec["deps"], f"{name}: its flow file is not a dep"
 
 
+def test_each_stage_links_to_its_own_flow_name():
+    """The pipeline creates each stage's flow run (so it shows as a subflow) under the stage flow's name."""
+    import re
+
+    from tasks.dag import flow_name
+
+    for name, spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        source = (REPO / (spec["cmd"].split()[-1].replace(".", "/") + ".py")).read_text()
+        assert re.search(r'@flow\(name="([^"]+)"', source).group(1) == flow_name(name), name
+
+
+def test_locked_stage_hash_follows_deps_and_params_not_outs(tmp_path):
+    from tasks.dag import locked_stage_hash
+
+    entry = {"cmd": "python -m flows.sft", "deps": [{"path": "data", "md5": "a"}],
+             "params": {"params/sft.yaml": {"lr": 1}}, "outs": [{"path": "models/sft", "md5": "x"}]}
+    lock = tmp_path / "dvc.lock"
+    assert locked_stage_hash("sft", tmp_path) is None
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"sft": entry}}))
+    first = locked_stage_hash("sft", tmp_path)
+    entry["outs"][0]["md5"] = "y"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"sft": entry}}))
+    assert locked_stage_hash("sft", tmp_path) == first
+    entry["params"]["params/sft.yaml"]["lr"] = 2
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"sft": entry}}))
+    assert locked_stage_hash("sft", tmp_path) != first
+
+
 def test_select_slices_and_refuses_unknown():
     order = ["a", "b", "c", "d"]
     assert select(order, "b", "c") == ["b", "c"] and select(order, None, None) == order

@@ -1,0 +1,132 @@
+"""A Prefect parameter sweep over SFT: the Cartesian product of `--grid KEY=V1,V2,...`, each point the `sft`
+stage's own flow in its own process (a subflow in the Prefect UI, a child MLflow run under one sweep run),
+with its outputs under experiments/<name>/<point>/ (model/, metrics/sft.json, plots/sft/, log.txt).
+
+Same params, same result: a point runs exactly what `dvc exp run sft -S params/sft.yaml:KEY=V` runs (the
+slow test checks both give the same metrics). A point whose params equal an earlier run's reuses that run's
+checkpoints (checkpoints/ is keyed by params and inputs), so a rerun of a sweep resumes instead of retraining.
+
+    python -m flows.sweep --name lr --grid training.lr=0.0001,0.0003
+    python -m flows.sweep --name methods --grid method=lora,ia3,adapter --parallel 2 --task-runner dask
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import publish_summary
+from tasks.atomic import atomic_write_text
+from tasks.config import load_params
+from tasks.errors import UserError, exit_on_user_error
+from tasks.methods import check_stage_method
+from tasks.prefect_link import fan_out_runner, run_child_flow
+from tasks.stage import refuse, run_cli, run_name
+from tasks.tracking import StageRecord
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}", retries=0)
+def run_point(name: str, point: dict, params_dir: str, out: str, env: dict) -> dict:
+    folder = Path(out) / name
+    cmd = [sys.executable, "-m", "flows.sft", "--params-dir", params_dir, "--out-dir", str(folder / "model"),
+           "--record-root", str(folder)]
+    for k, v in point.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    proc = run_child_flow("sft", cmd, env, folder / "log.txt")
+    metrics_file = folder / "metrics" / "sft.json"
+    if proc.returncode != 0 or not metrics_file.is_file():
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"point": name, **point, "status": f"failed: {last[:200]}"}
+    m = json.loads(metrics_file.read_text())
+    return {"point": name, **point, "score": round(m["after"]["mean_score"], 4),
+            "final_loss": m["train"]["final_loss"], "tokens_per_second": m["train"]["tokens_per_second"],
+            "peak_memory_mb": m["train"]["peak_memory_mb"], "status": "ok"}
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "sweep.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    md = ("# SFT sweep\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
+          "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows))
+    atomic_write_text(out / "sweep.md", md)
+    return md
+
+
+@flow(name="sweep", flow_run_name="sweep-{name}")
+def sweep_flow(grid: dict[str, list], name: str = "sweep", params_dir: str = "params", parallel: int = 1,
+               task_runner: str = "thread"):
+    try:
+        base = load_params("base", params_dir)
+        points = grid_points(grid)
+        if not points:
+            raise UserError("--grid: nothing to sweep (give KEY=V1,V2,...)")
+        for point in points:  # every point's params are valid before anything trains
+            check_stage_method(load_params("sft", params_dir, point), "sft", f"{params_dir}/sft.yaml")
+        runner = fan_out_runner(task_runner, parallel)
+    except UserError as exc:
+        return refuse(exc)
+    out = Path("experiments") / name
+    out.mkdir(parents=True, exist_ok=True)
+    with StageRecord("sweep", experiment=base.tracking.experiment, params={"grid": grid, "task_runner": task_runner},
+                     run_name=run_name("sweep", name), root=out,
+                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+        env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
+        with runner:
+            futures = [runner.submit(run_point, {"name": point_name(p), "point": p, "params_dir": params_dir,
+                                                 "out": str(out), "env": env}) for p in points]
+            rows = [f.result() for f in futures]
+        md = write_table(rows, out)
+        rec.log_artifact(out / "sweep.csv")
+        publish_summary(f"sweep-{name}".lower().replace("_", "-").replace(".", "-"), md, rows)
+    print(md)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} point(s) failed: " + "; ".join(f"{r['point']}: {r['status']}" for r in failed))
+    return rows
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise UserError(f"--grid {item}: expected KEY=V1,V2,... e.g. training.lr=0.0001,0.0003")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Sweep SFT params as one Prefect flow (one subflow per point).")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", required=True)
+    ap.add_argument("--name", default="sweep", help="experiments/<name>/ holds the points' outputs")
+    ap.add_argument("--params-dir", default="params")
+    ap.add_argument("--parallel", type=int, default=1, help="points run at once (each in its own process)")
+    ap.add_argument("--task-runner", default="thread", choices=("thread", "dask"))
+    args = ap.parse_args(argv)
+    run_cli(sweep_flow, grid=parse_grid(args.grid), name=args.name, params_dir=args.params_dir,
+            parallel=args.parallel, task_runner=args.task_runner)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
