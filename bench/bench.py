@@ -657,6 +657,9 @@ def overhead() -> dict:
     else:
         res["skipped"] = ("`dvc status` is not clean (or failed), so a no-op `dvc repro` and a fully skipped "
                           "pipeline run cannot be timed without training: " + " ".join((out + " " + err).split())[:300])
+    timing = ROOT / "reports" / "pipeline-timing.json"  # written by the last pipeline run that ran stages
+    if timing.is_file():
+        res["last_pipeline_run"] = json.loads(timing.read_text())
     import yaml
 
     try:
@@ -687,6 +690,19 @@ def overhead_lines(ov: dict) -> list[str]:
             r = ov[key]
             warn = " — **a stage ran**, so this is not an orchestration-only time" if r.get("all_skipped") is False else ""
             out.append(f"- {label}: {r['seconds']} s (exit {r['rc']}){warn}")
+    if (run := ov.get("last_pipeline_run")) and run.get("stages"):
+        share = run.get("overhead_share")
+        out += ["", f"Last pipeline run that ran stages (reports/pipeline-timing.json): {run['total_seconds']:.0f} s, "
+                f"of which stage compute (training, evaluation, saving) {run['compute_seconds']:.0f} s; orchestration,"
+                f" tracking and I/O **{100 * share:.1f}%** of the run:", "",
+                f"- stage processes outside their bodies (process start, imports, loading inputs, Prefect flow "
+                f"engine, DVC's hashing and lock): {run['stage_process_outside_body_seconds']:.1f} s",
+                f"- MLflow calls inside the stages: {run['mlflow_seconds']:.1f} s",
+                f"- DVC status checks: {run['dvc_status_seconds']:.1f} s; the pipeline flow itself (Prefect tasks, "
+                f"lineage tags): {run['pipeline_flow_seconds']:.1f} s", "",
+                "| stage | wall s | body s | MLflow s |", "|---|---:|---:|---:|"]
+        out += [f"| {k} | {v['wall_seconds']:.1f} | {v['body_seconds']:.1f} | {v['mlflow_seconds']:.1f} |"
+                for k, v in run["stages"].items()]
     if ov["stages"]:
         out += ["", "Training seconds recorded by the last pipeline run (metrics/<stage>.json `train`); the stage's "
                 "whole wall time is not recorded there, so the orchestration/IO share cannot be derived from "

@@ -15,6 +15,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from tasks.artifacts import publish_summary
+from tasks.atomic import atomic_write_json
 from tasks.config import load_params
 from tasks.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from tasks.errors import UserError, exit_on_user_error
@@ -31,6 +33,7 @@ from tasks.stage import refuse, run_cli, run_name
 from tasks.tracking import StageRecord
 
 REPORT = Path("reports/pipeline/report.md")
+TIMING = Path("reports/pipeline-timing.json")  # beside, not inside, the report stage's DVC out
 
 
 def select(order: list[str], start: str | None, stop: str | None) -> list[str]:
@@ -72,14 +75,16 @@ def dvc_status(stage: str) -> dict:
 
 
 @task(cache_policy=NO_CACHE, retries=0)  # a training failure is deterministic: no retry
-def run_stage(stage: str, env: dict) -> str:
+def run_stage(stage: str, env: dict) -> float:
+    """Runs the stage through DVC; returns its wall seconds."""
     env, linked = child_env(flow_name(stage), env)  # the stage's flow run shows as this task's subflow
+    t0 = time.perf_counter()
     proc = subprocess.run(["dvc", "repro", "--single-item", stage], env=env)
     close_unfinished(linked, proc.returncode)
     if proc.returncode != 0:
         raise RuntimeError(f"stage '{stage}' failed (dvc repro exit code {proc.returncode}); its previous "
                            "output is untouched and a rerun resumes from its last checkpoint")
-    return "ran"
+    return time.perf_counter() - t0
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -101,14 +106,50 @@ def tag_dvc_hash(stage: str, parent_run_id: str) -> str | None:
     return digest
 
 
+def overhead(total: float, status_s: float, walls: dict[str, float], parent_run_id: str) -> dict:
+    """Where the pipeline's time went: the stages' own bodies (training, evaluation, saving: StageRecord's
+    timing.body_seconds less its MLflow time) against everything around them."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        body = {r.data.tags.get("stage"): r.data.metrics for r in runs}
+    except Exception:  # tracking unreachable: the stages' bodies are unknown, count them as overhead-free
+        body = {s: {"timing.body_seconds": w} for s, w in walls.items()}
+    stages = {s: {"wall_seconds": round(w, 2), "body_seconds": round(body.get(s, {}).get("timing.body_seconds", 0), 2),
+                  "mlflow_seconds": round(body.get(s, {}).get("timing.mlflow_seconds", 0), 2)} for s, w in walls.items()}
+    mlflow_s = sum(v["mlflow_seconds"] for v in stages.values())
+    compute = sum(v["body_seconds"] for v in stages.values()) - mlflow_s
+    outside = sum(v["wall_seconds"] - v["body_seconds"] for v in stages.values())
+    return {"total_seconds": round(total, 2), "compute_seconds": round(compute, 2),
+            "overhead_share": round(1 - compute / total, 4) if total > 0 else None,
+            "dvc_status_seconds": round(status_s, 2), "mlflow_seconds": round(mlflow_s, 2),
+            "stage_process_outside_body_seconds": round(outside, 2),
+            "pipeline_flow_seconds": round(total - sum(walls.values()) - status_s, 2), "stages": stages}
+
+
 @task(cache_policy=NO_CACHE)
 def skip_stage(stage: str, reason: str):
     return Completed(name="Skipped", message=f"{stage}: {reason}")
 
 
-@flow(name="pipeline", flow_run_name="{name}")
+def pipeline_run_name() -> str:
+    """`pipeline-<sha>`, or `pipeline-sft..ppo-<sha>` for a slice, unless the run was given a name."""
+    from prefect.runtime import flow_run
+
+    args = flow_run.parameters or {}
+    if args.get("name"):
+        return args["name"]
+    start, stop = args.get("from_stage"), args.get("to_stage")
+    span = f"{start or ''}..{stop or ''}" if start or stop else None
+    return run_name("pipeline", span)
+
+
+@flow(name="pipeline", flow_run_name=pipeline_run_name)
 def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, overrides: dict | None = None,
-                  force: bool = False, name: str = "pipeline"):
+                  force: bool = False, name: str | None = None):
     try:
         apply_overrides(overrides or {})
         stages = select(stage_order(), from_stage, to_stage)
@@ -122,24 +163,34 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
     results: dict[str, str] = {}
     with StageRecord("pipeline", experiment=base.tracking.experiment,
                      params={"stages": ",".join(stages), "overrides": overrides or {}, "force": force},
-                     run_name=name, on_unreachable=base.tracking.on_server_unreachable,
+                     run_name=ctx.flow_run.name if ctx else (name or run_name("pipeline")), on_unreachable=base.tracking.on_server_unreachable,
                      tags={"prefect_flow_run_id": flow_run_id}) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id, "REFINERY_PREFECT_FLOW_RUN_ID": flow_run_id}
+        t_start, status_s, walls = time.perf_counter(), 0.0, {}
         for stage in stages:
+            t0 = time.perf_counter()
             status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
+            status_s += time.perf_counter() - t0
             if status or force:
-                run_stage.with_options(task_run_name=stage)(stage, env)
+                walls[stage] = run_stage.with_options(task_run_name=stage)(stage, env)
                 results[stage] = "ran"
             else:
                 skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")
                 results[stage] = "skipped (up to date)"
             tag_dvc_hash.with_options(task_run_name=f"lineage-{stage}")(stage, rec.run_id)
         rec.log_text("\n".join(f"{k}: {v}" for k, v in results.items()), "stages.txt")
+        timing = overhead(time.perf_counter() - t_start, status_s, walls, rec.run_id)
+        atomic_write_json(TIMING, timing)
+        rec.log_step(0, {f"timing.{k}": v for k, v in timing.items() if isinstance(v, (int, float))})
+        rec.log_artifact(TIMING)
         if REPORT.is_file():
             rec.log_artifact(REPORT, "report")
             publish_summary("pipeline", REPORT.read_text())
         run_url = rec.run_url
     print("\npipeline: " + ", ".join(f"{k} {v}" for k, v in results.items()))
+    share = timing["overhead_share"]
+    print(f"  time:    {timing['total_seconds']:.0f} s, of which stage compute {timing['compute_seconds']:.0f} s"
+          + (f" (orchestration, tracking and I/O: {100 * share:.1f}%; {TIMING})" if share is not None else ""))
     print(f"  report:  {REPORT} (and report.html beside it)")
     print(f"  metrics: dvc metrics show   |   MLflow: {run_url}")
     print(f"  Prefect: flow run {flow_run_id} (make ui, then http://127.0.0.1:4200)")
@@ -163,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--set {item}: expected STAGE.KEY=VALUE, e.g. sft.method=ia3")
         overrides.setdefault(stage, {})[rest] = yaml.safe_load(value)
     run_cli(pipeline_flow, from_stage=args.from_stage, to_stage=args.to_stage, overrides=overrides or None,
-            force=args.force, name=args.name or run_name("pipeline"))
+            force=args.force, name=args.name)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,14 @@ class StageRecord:
         self.run_id: str | None = None
         self.uri: str | None = None
         self._pending: list[tuple[str, tuple, dict]] = []
+        self._t_enter = 0.0
+        self.mlflow_seconds = 0.0  # time spent in MLflow calls: the tracking share of the pipeline's overhead
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> "StageRecord":
         import mlflow
 
+        self._t_enter = t0 = time.perf_counter()
         self.uri = configure_mlflow(Path("."), self.on_unreachable)  # one store per project, wherever files go
         mlflow.set_experiment(self.experiment)
         parent = os.environ.get("REFINERY_PARENT_RUN_ID") or None
@@ -118,24 +122,33 @@ class StageRecord:
         self.run_id = run.info.run_id
         for chunk in _chunks(list(self.params.items()), 90):
             mlflow.log_params({k: str(v)[:6000] for k, v in chunk})
+        self.mlflow_seconds += time.perf_counter() - t0
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         import mlflow
 
         self._flush()
+        t0 = time.perf_counter()
+        # the stage's body (compute + tracking) against its process's whole life: the pipeline derives the
+        # orchestration overhead (process start, imports, Prefect, DVC) from these
+        self._call("log_metrics", {"timing.body_seconds": t0 - self._t_enter,
+                                   "timing.mlflow_seconds": self.mlflow_seconds})
         mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
     # -- logging that survives a flaky server ------------------------------------------------------
     def _call(self, name: str, *args, **kwargs) -> None:
         import mlflow
 
+        t0 = time.perf_counter()
         try:
             getattr(mlflow, name)(*args, **kwargs)
         except Exception as exc:  # tracking must never kill training
             if not self._pending:
                 log.warning("MLflow %s failed (%s); buffering and retrying at the end of the stage", name, exc)
             self._pending.append((name, args, kwargs))
+        finally:
+            self.mlflow_seconds += time.perf_counter() - t0
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -98,3 +98,16 @@ def test_champion_rule():
     champ = {"win_rate_vs_sft": "0.6", "reference_score_policy": "0.45"}
     assert decide(good, champ, args)[0] == "challenger"  # reference agreement fell by 0.05 > 0.02
     assert decide({**good, "reference_score_policy": 0.44}, champ, args)[0] == "champion"
+
+
+def test_prefect_yaml_deployments_point_at_real_flows():
+    import re
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for dep in spec["deployments"]:
+        path, func = dep["entrypoint"].split(":")
+        assert re.search(rf"^def {func}\(", (REPO / path).read_text(), re.M), dep["name"]
+    pools = {d["name"]: d["work_pool"]["name"] for d in spec["deployments"]}
+    assert pools["pipeline-weekly"] == "local-process" and pools["pipeline-k8s-gpu"] == "k8s-gpu"
+    weekly = next(d for d in spec["deployments"] if d["name"] == "pipeline-weekly")
+    assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
