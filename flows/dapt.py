@@ -80,6 +80,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
                      run_name=run_name("dapt", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
                            "data_hash": input_hashes["corpus"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
+        rec.log_dataset(corpus / "train.jsonl", "corpus", context="training")
         before = evaluate_lm(model, val_rows, collate, cfg)
         gens_before = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)

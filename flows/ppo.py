@@ -103,6 +103,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
                      on_unreachable=base.tracking.on_server_unreachable,
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12], "tokenizer_hash": tok_hash,
                            "data_hash": input_hashes["prompts"][:12]}) as rec:
+        rec.log_dataset(Path(prompts_dir) / "train.jsonl", "prompts", context="training")
 
         def on_step(step, metrics, rollout):
             if step % cfg.sample_every == 0 or step == 1:

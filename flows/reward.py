@@ -87,6 +87,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
                      run_name=run_name("reward", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
                            "data_hash": input_hashes["preferences"][:12]}) as rec:
+        rec.log_dataset(job.prefs / "train.jsonl", "preferences", context="training")
         before = evaluate_rm(model, val, pad, cfg)
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)

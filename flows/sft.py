@@ -95,6 +95,8 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                      root=Path(record_root), on_unreachable=base.tracking.on_server_unreachable,
                      tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
                            "data_hash": input_hashes["sft_data"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
+        for task_name in cfg.tasks:
+            rec.log_dataset(folder / task_name / "train.jsonl", f"sft/{task_name}", context="training")
         if cfg.eval.before:
             before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         else:

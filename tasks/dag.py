@@ -50,3 +50,18 @@ def locked_stage_hash(name: str, root: str | Path = ".") -> str | None:
     key = {"cmd": entry.get("cmd"), "params": entry.get("params", {}),
            "deps": sorted((d["path"], d.get("md5") or d.get("hash")) for d in entry.get("deps", []))}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def locked_out_hash(path: str | Path, root: str | Path = ".") -> str | None:
+    """DVC's md5 of the stage output that holds `path` (itself or a folder above it), from dvc.lock."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    target = Path(path)
+    for entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
+        for out in entry.get("outs", []):
+            if target == Path(out["path"]) or Path(out["path"]) in target.parents:
+                return out.get("md5") or out.get("hash")
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from uuid import UUID
 
 ENV = "REFINERY_STAGE_FLOW_RUN_ID"
@@ -47,9 +48,18 @@ def child_env(flow_name: str, base_env: dict[str, str] | None = None) -> tuple[d
     from prefect.client.orchestration import get_client
     from prefect.states import Pending
 
+    flow = Flow(fn=_placeholder, name=flow_name)
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(flow=Flow(fn=_placeholder, name=flow_name), name=flow_name, parameters={},
-                                     state=Pending(), parent_task_run_id=ctx.task_run.id)
+        for attempt in range(60):
+            try:
+                run = client.create_flow_run(flow=flow, name=flow_name, parameters={}, state=Pending(),
+                                             parent_task_run_id=ctx.task_run.id)
+                break
+            except Exception as exc:  # 409: the server has not stored our task run yet (task runs arrive as
+                if "409" not in str(exc) or attempt == 59:  # events, e.g. from a Dask worker): wait for it
+                    print(f"warning: the child flow run is not linked to this task ({exc})", file=sys.stderr)
+                    return env, None
+                time.sleep(0.5)
     env[ENV] = str(run.id)
     return env, run.id
 

@@ -164,7 +164,10 @@ class StageRecord:
         self._call("log_metrics", clean, step=step)
 
     def log_dataset(self, jsonl: Path, name: str, context: str) -> None:
-        """A prepared data set as an MLflow dataset input (its digest is MLflow's content hash)."""
+        """A prepared data set as an MLflow dataset input (its digest is MLflow's content hash), tagged with
+        DVC's md5 of the output holding it when dvc.lock has one (a stage's inputs: the data it trained on)."""
+        from tasks.dag import locked_out_hash
+
         import warnings
 
         import mlflow
@@ -173,7 +176,8 @@ class StageRecord:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = mlflow.data.from_pandas(pd.read_json(jsonl, lines=True), source=str(jsonl), name=name)
-        self._call("log_input", ds, context=context)
+        dvc_md5 = locked_out_hash(jsonl) if context != "prepare" else None  # prepare's own lock entry is stale now
+        self._call("log_input", ds, context=context, tags={"dvc_md5": dvc_md5} if dvc_md5 else None)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("set_tags", tags)

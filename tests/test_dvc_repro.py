@@ -145,6 +145,9 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     for stage in ("dapt", "sft", "reward", "ppo"):
         assert children[children["tags.stage"] == stage].filter(like="metrics.").notna().any(axis=1).all(), stage
     assert children[children["tags.stage"] == "ppo"]["metrics.eval.win_rate_vs_sft"].notna().all()
+    sft_run = mlflow.get_run(children[children["tags.stage"] == "sft"].iloc[0]["run_id"])
+    data_tags = [{t.key: t.value for t in d.tags} for d in sft_run.inputs.dataset_inputs]
+    assert data_tags and all(t.get("dvc_md5") and t.get("mlflow.data.context") == "training" for t in data_tags)
     champion = mlflow.pyfunc.load_model("models:/llm-refinery-policy@champion")  # the registered champion
     out = champion.predict(["Which module defines `dumps`?"], params={"max_new_tokens": 4})
     assert len(out) == 1 and isinstance(out[0], str)
