@@ -44,6 +44,9 @@ SFT_BLOCK, SFT_BATCH, SFT_LR, SFT_LORA_DROPOUT = 512, 2, 5e-4, 0.05
 # reward: as params/reward.yaml (max_length 512, batch 4 pairs, lr 5e-4, LoRA dropout 0.0)
 RM_MAX_LEN, RM_BATCH, RM_LR, RM_LORA_DROPOUT = 512, 4, 5e-4, 0.0
 WARMUP_RATIO, SCHEDULER, MAX_GRAD_NORM = 0.1, "cosine", 1.0
+# bf16 peak dense tensor FLOP/s by GPU name, for model FLOPs utilisation (vendor datasheets, no sparsity)
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10G": 125e12}
+PRECISION = "fp32"  # --precision: both sides train in it (bf16 = the Trainer's autocast on a GPU)
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}
 
@@ -131,6 +134,33 @@ class CountingCollator:
         return out
 
 
+def flops_per_token(model, tokens_per_row: float) -> tuple[float, str]:
+    """Model FLOPs per trained token: k·N + 12·L·d·T (PaLM's formula), N = the weights in matrix products
+    (embedding lookups excluded, a tied LM head included), T = mean row length, k = 6 when every weight
+    trains and 4 when only an adapter does (frozen weights need no weight gradient: forward 2N + input
+    gradients 2N). Attention's 12·L·d·T holds for both (it has no weights)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    n = sum(p.numel() for name, p in inner.named_parameters() if p.dim() == 2 and "embed" not in name
+            and "lora_" not in name and "modules_to_save" not in name)
+    if getattr(cfg, "tie_word_embeddings", False) and hasattr(inner, "lm_head"):
+        n += cfg.vocab_size * cfg.hidden_size
+    full = all(p.requires_grad for p in inner.parameters() if p.dim() == 2)
+    k = 6 if full else 4
+    attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * tokens_per_row
+    return k * n + attn, f"{k}·N + 12·L·d·T, N={n / 1e6:.1f}M, L={cfg.num_hidden_layers}, d={cfg.hidden_size}, T={tokens_per_row:.0f}"
+
+
+def mfu(tokens_per_second: float | None, fpt: float) -> float | None:
+    import torch
+
+    if not tokens_per_second or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return round(tokens_per_second * fpt / peak, 5) if peak else None
+
+
 def summarise(case: str, meter: Meter, seconds: float, steps: int, per_step_pairs: int | None,
               trainer, extra: dict) -> dict:
     from tasks.training import peak_memory_mb
@@ -157,6 +187,9 @@ def summarise(case: str, meter: Meter, seconds: float, steps: int, per_step_pair
         res["steady_tokens_per_second"] = round((kn - k1) / dt_s, 2)
         if per_step_pairs:
             res["steady_pairs_per_second"] = round((rn - r1) / 2 / dt_s, 3)
+    fpt, formula = flops_per_token(trainer.model, meter.tokens / max(meter.rows, 1))
+    res["flops_per_token"], res["flops_formula"] = round(fpt), formula
+    res["mfu"] = mfu(res["steady_tokens_per_second"] or res["tokens_per_second"], fpt)
     res.update(extra)
     return res
 
@@ -169,7 +202,7 @@ def training_kwargs(steps: int, batch: int, lr: float, out: Path, count_tokens: 
                 gradient_accumulation_steps=1, learning_rate=lr, weight_decay=0.0, warmup_steps=WARMUP_RATIO,
                 lr_scheduler_type=SCHEDULER, max_grad_norm=MAX_GRAD_NORM, logging_steps=1,
                 save_strategy="steps", save_steps=steps, save_total_limit=1, seed=SEED, data_seed=SEED,
-                report_to="none", bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+                report_to="none", bf16=PRECISION == "bf16", fp16=False, use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0, include_num_input_tokens_seen=count_tokens,
                 activation_checkpointing=False, gradient_checkpointing=False, disable_tqdm=False)
 
@@ -180,7 +213,7 @@ def our_targs(steps: int, batch: int, lr: float):
     # one checkpoint, at the end, as the TRL side (save_steps=steps): both pay one save inside train()
     return TrainingArgs(max_steps=steps, batch_size=batch, grad_accum=1, lr=lr, weight_decay=0.0,
                         warmup_ratio=WARMUP_RATIO, scheduler=SCHEDULER, max_grad_norm=MAX_GRAD_NORM,
-                        save_steps=steps, keep_checkpoints=1, precision="fp32", gradient_checkpointing=False)
+                        save_steps=steps, keep_checkpoints=1, precision=PRECISION, gradient_checkpointing=False)
 
 
 def lora_params(dropout: float):
@@ -294,7 +327,7 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
         break
     if trainer is None:
         raise RuntimeError("; ".join(notes))
-    assert not trainer.args.gradient_checkpointing and not trainer.args.bf16
+    assert not trainer.args.gradient_checkpointing and trainer.args.bf16 == (PRECISION == "bf16")
     ds = trainer.train_dataset
     stats.update({"trl_bins": len(ds), "trl_bin_tokens": sum(len(x) for x in ds["input_ids"]),
                   "trl_bin_loss_tokens": sum(1 for lab in ds["labels"] for x in lab if x != -100),
@@ -353,7 +386,7 @@ def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> 
     trainer = metered(RewardTrainer, meter)(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                             processing_class=tok, callbacks=[step_clock(meter)],
                                             peft_config=peft_config(lora_params(RM_LORA_DROPOUT), "SEQ_CLS"))
-    assert not trainer.args.gradient_checkpointing and not trainer.args.bf16
+    assert not trainer.args.gradient_checkpointing and trainer.args.bf16 == (PRECISION == "bf16")
     ds = trainer.train_dataset
     same = len(ds) == len(ours) and all(list(a) == b["chosen"] and list(c) == b["rejected"]
                                         for a, c, b in zip(ds["chosen_ids"], ds["rejected_ids"], ours))
@@ -372,6 +405,8 @@ CASE_FNS = {"sft-ours": case_sft_ours, "sft-trl": case_sft_trl, "reward-ours": c
 
 def run_only(args) -> int:
     """Child process: one case, result (or the error) as JSON in --result."""
+    global PRECISION
+    PRECISION = args.precision
     os.chdir(ROOT)
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
@@ -443,7 +478,8 @@ def run_case(case: str, model_dir: Path, data_dir: Path, steps: int, work: Path,
     cdir.mkdir(parents=True, exist_ok=True)
     result, log = cdir / "result.json", cdir / "log.txt"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", case, "--model-dir", str(model_dir),
-           "--data-dir", str(data_dir), "--steps", str(steps), "--work", str(cdir), "--result", str(result)]
+           "--data-dir", str(data_dir), "--steps", str(steps), "--work", str(cdir), "--result", str(result),
+           "--precision", PRECISION]
     env = {**os.environ, **CHILD_ENV}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -494,8 +530,10 @@ def fmt(v, nd=1):
 
 
 def model_table(entry: dict) -> list[str]:
+    gpu = any(r.get("mfu") is not None for r in entry["cases"].values())
     lines = ["| case | steps | seconds | tokens | tokens/s | steady tokens/s | pairs/s | steady pairs/s | peak memory MB "
-             "| RSS at train start MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| RSS at train start MB |" + (" MFU |" if gpu else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for case in CASES:
         r = entry["cases"].get(case)
         if r is None:
@@ -506,7 +544,8 @@ def model_table(entry: dict) -> list[str]:
         lines.append(f"| {case} | {r['steps']} | {fmt(r['seconds'], 2)} | {fmt(r['tokens'])} | "
                      f"{fmt(r['tokens_per_second'])} | {fmt(r['steady_tokens_per_second'])} | "
                      f"{fmt(r['pairs_per_second'], 2)} | {fmt(r['steady_pairs_per_second'], 2)} | "
-                     f"{fmt(r['peak_memory_mb'], 0)} | {fmt(r.get('rss_before_train_mb'), 0)} |")
+                     f"{fmt(r['peak_memory_mb'], 0)} | {fmt(r.get('rss_before_train_mb'), 0)} |"
+                     + (f" {100 * r['mfu']:.2f}% |" if gpu and r.get("mfu") is not None else (" – |" if gpu else "")))
     return lines
 
 
@@ -584,9 +623,9 @@ def write_outputs(out: Path, results: dict) -> None:
              f"- load average at start: {', '.join(map(str, m['load_average_at_start']))} "
              "(other jobs on the machine slow every case; compare the ratios, not the absolute numbers, across runs)",
              f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
-             f"peft {m['peft']}", f"- {m['platform']}", "",
+             f"peft {m['peft']}", f"- {m['platform']}"] + ([f"- {results['note']}"] if results.get("note") else []) + ["",
              "## Settings", "",
-             f"- {results['steps']} optimizer steps per case, fp32, no gradient checkpointing, AdamW lr "
+             f"- {results['steps']} optimizer steps per case, {results.get('precision', 'fp32')}, no gradient checkpointing, AdamW lr "
              f"{SFT_LR:g}, cosine with {WARMUP_RATIO:.0%} warm-up, one checkpoint saved at the end (inside the timing) on "
              "both sides, each case in a fresh subprocess"
              + (f"; {results['repeat']} interleaved runs per case, the median-time run reported." if results.get("repeat", 1) > 1
@@ -598,7 +637,15 @@ def write_outputs(out: Path, results: dict) -> None:
              "- tokens = non-padding input tokens the trainer trained on; tokens/s and pairs/s divide by the wall "
              "time of `trainer.train()`; *steady* = from the end of step 1 to the end of the last step (no warm-up "
              "step, no checkpoint save). peak memory = the case process's peak RSS (ru_maxrss: model load, data "
-             "preparation and training). How each side is counted: bench/README.md.", ""]
+             "preparation and training). How each side is counted: bench/README.md."]
+    if m.get("gpu"):
+        lines += ["- on the GPU, peak memory = `torch.cuda.max_memory_allocated` (GPU memory); MFU = steady tokens/s × "
+                  "model FLOPs per token / the GPU's bf16 dense peak (" + ", ".join(
+                      f"{k} {v / 1e12:g}" for k, v in PEAK_BF16_FLOPS.items()) + " TFLOP/s); model FLOPs per token "
+                  "= k·N + 12·L·d·T with k = 6 for full fine-tuning and 4 for an adapter (frozen weights get no "
+                  "weight gradient), N the weights in matrix products, T the mean row length (bench.py "
+                  "`flops_per_token`)."]
+    lines.append("")
     failed = []
     for name, entry in results["models"].items():
         lines += [f"## Model `{name}` — {entry['model']}", "", f"Data: {entry['data_source']}.", ""]
@@ -728,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs per case, interleaved; the median-time run is reported (default 1)")
     ap.add_argument("--overhead", action="store_true", help="also time a no-op dvc repro and a skipped pipeline")
     ap.add_argument("--verbose", action="store_true", help="show the case subprocesses' output")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="training precision of both sides (bf16: the Trainer's autocast, for a GPU)")
+    ap.add_argument("--note", default="", help="a line printed under the machine in RESULTS.md")
     ap.add_argument("--keep-work", action="store_true", help="keep the temp folder (models, data, logs)")
     # internal: one case in this process
     ap.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)
@@ -740,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps and --repeat must be at least 1")
     if args.only:
         return run_only(args)
+    global PRECISION
+    PRECISION = args.precision
 
     out = Path(args.out).resolve()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -759,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     results = {"command": "python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "steps": args.steps, "repeat": args.repeat, "machine": machine, "models": {}}
+               "note": args.note, "precision": PRECISION, "steps": args.steps, "repeat": args.repeat, "machine": machine, "models": {}}
     print(f"bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, transformers "
           f"{machine['transformers']}, trl {machine['trl']}; {args.steps} steps per case")
     work = Path(tempfile.mkdtemp(prefix="refinery-bench-"))

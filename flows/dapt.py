@@ -41,7 +41,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     base = load_params("base", params_dir)
     cfg = load_params("dapt", params_dir, overrides)
     method = get_method(cfg, f"{params_dir}/dapt.yaml")
-    model = load_causal_lm(input_dir, base.trust_remote_code)
+    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
     tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
     corpus = Path(data_dir) / "corpus"
     train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)

@@ -18,7 +18,7 @@ from tasks.artifacts import Progress, metrics_table, publish_summary
 from tasks.config import load_params
 from tasks.errors import UserError
 from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
-from tasks.methods import apply_method, check_stage_method, count_parameters
+from tasks.methods import apply_method, check_stage_method, count_parameters, quantization_kwargs
 from tasks.modeling import full_weights_of, load_causal_lm, load_tokenizer, model_kind
 from tasks.ppo_eval import decode_responses, evaluate_policy, rm_scores
 from tasks.ppo_trainer import PPOTrainer
@@ -37,9 +37,16 @@ from tasks.train_stage import save_stage_output
 from tasks.training import peak_memory_mb
 
 
-def load_scalar_model(folder: str, trust_remote_code: bool):
-    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                                               trust_remote_code=trust_remote_code)
+def load_scalar_model(folder: str, trust_remote_code: bool, method=None):
+    kwargs = {"dtype": torch.float32, **quantization_kwargs(method)}
+    return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,
+                                                              trust_remote_code=trust_remote_code, **kwargs)
+
+
+def on_device(model):
+    """The GPU when there is one (rollouts, values and rewards on one device); 4-bit models were placed at load."""
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        return model.to("cuda")
     return model
 
 
@@ -70,7 +77,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         prompts_dir = Path(data_dir) / "prompts"
         train_records = [r for _, r in read_jsonl(prompts_dir / "train.jsonl")]
         val_records = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")][:cfg.eval_prompts]
-        policy = load_causal_lm(policy_dir, base.trust_remote_code)
+        policy = load_causal_lm(policy_dir, base.trust_remote_code, method=cfg)
     except UserError as exc:
         return refuse(exc)
     params = {"base": base.model_dump(), "ppo": cfg.model_dump()}
@@ -85,19 +92,21 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     train_records, train_prompts = [train_records[i] for i in keep], [train_prompts[i] for i in keep]
 
     torch.manual_seed(base.seed)
+    policy = on_device(policy)
     ref_model = None
     if cfg.method == "full":  # a frozen copy; LoRA-style policies use their own weights with the adapter off
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.config.use_cache = True  # generation-heavy: keep the KV cache
     policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
-    value_model = apply_method(load_scalar_model(reward_dir, base.trust_remote_code), cfg, "SEQ_CLS", reward_dir,
-                               seed=base.seed)
-    reward_model = load_scalar_model(reward_dir, base.trust_remote_code).eval().requires_grad_(False)
+    value_model = apply_method(on_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg)), cfg, "SEQ_CLS",
+                               reward_dir, seed=base.seed)
+    reward_model = on_device(load_scalar_model(reward_dir, base.trust_remote_code)).eval().requires_grad_(False)
     trainable, total = count_parameters(policy)
 
     def reward_fn(idx, rollout):
         answers = decode_responses(tokenizer, rollout)
-        return rm_scores(reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
+        scores = rm_scores(reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
+        return scores.to(rollout.sequences.device)
 
     with StageRecord("ppo", experiment=base.tracking.experiment, params=params, run_name=run_name("ppo", cfg.method),
                      on_unreachable=base.tracking.on_server_unreachable,

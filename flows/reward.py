@@ -60,7 +60,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     return SimpleNamespace(base=base, cfg=cfg, init_dir=init_dir, note=note, tokenizer=tokenizer, prefs=prefs,
                            train=train, val=val[:cfg.eval.max_pairs], params=params, inputs=inputs,
                            input_hashes=input_hashes, pad=pad, ckpt=checkpoint_dir("reward", params, input_hashes),
-                           model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code))
+                           model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg))
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",

@@ -46,7 +46,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     base = load_params("base", params_dir)
     cfg = load_params("sft", params_dir, overrides)
     method = get_method(cfg, f"{params_dir}/sft.yaml")
-    model = load_causal_lm(input_dir, base.trust_remote_code)
+    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
     tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
     folder = Path(data_dir) / "sft"
     train = {t: load_task(folder, t, "train") for t in cfg.tasks}

@@ -17,6 +17,8 @@ position_ids restarts) is not used with them: their batches are padded instead.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +58,24 @@ def get_method(params: MethodParams, source: str) -> Method:
     if method.needs_cuda and not torch.cuda.is_available():
         raise UserError(f"{source}: key 'method': '{method.name}' needs a CUDA GPU (4-bit bitsandbytes "
                         "kernels); none is available here. Use 'lora' on this machine.")
+    if method.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{source}: key 'method': 'qlora' needs the bitsandbytes package, which is not installed "
+                        "(pip install 'bitsandbytes>=0.45' on the GPU machine)")
     return method
+
+
+def quantization_kwargs(params: MethodParams | None) -> dict:
+    """from_pretrained kwargs that load the frozen base of a QLoRA run in 4-bit (NF4 by default, double
+    quantisation, bf16 compute) on this process's GPU (LOCAL_RANK under torchrun); {} for every other method."""
+    if params is None or params.method != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = params.qlora
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                                      bnb_4bit_use_double_quant=q.double_quant,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}, "dtype": torch.bfloat16}
 
 
 # Scalar-head (reward, value) and RL stages: merged-weight methods only. Virtual-token methods shift token

@@ -11,6 +11,7 @@ Every folder also carries the tokenizer (with its chat template) and `refinery_m
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks import bottleneck
 from tasks.errors import UserError
-from tasks.methods import REGISTRY
+from tasks.config import MethodParams
+from tasks.methods import REGISTRY, quantization_kwargs
 
 
 def model_kind(folder: str | Path) -> str:
@@ -65,14 +67,33 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=torch.float32):
-    """A full model folder as a plain causal LM (the starting point of every training stage)."""
+def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=torch.float32,
+                   method: MethodParams | None = None):
+    """A full model folder as a plain causal LM (the starting point of every training stage); in 4-bit
+    when `method` is qlora."""
     kind = model_kind(folder)
     if kind != "full":
         raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
                         "from full weights (see the chaining table in README.md)")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": dtype, **quantization_kwargs(method)}
+    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                **kwargs)
+
+
+def merge_into_full_precision(model, input_dir: str | Path, adapter_dir: Path):
+    """A QLoRA model's saved adapter merged into the *full-precision* input weights (merging into the 4-bit
+    base would bake its quantisation error into the output): the input reloaded in fp32 with the trained
+    config minus quantisation (so a reward model keeps num_labels/pad id), the adapter and its trained heads
+    loaded from `adapter_dir`, then merged."""
+    from peft import PeftModel
+
+    inner = model.get_base_model()
+    config = copy.deepcopy(inner.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    full = type(inner).from_pretrained(full_weights_of(input_dir)[0], config=config, dtype=torch.float32, use_safetensors=True)
+    return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
 
 
 def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path) -> None:
@@ -88,7 +109,8 @@ def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path)
     elif m.mergeable:
         model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(out / "adapter")
-        merged = model.merge_and_unload()
+        merged = (merge_into_full_precision(model, input_dir, out / "adapter") if method == "qlora"
+                  else model.merge_and_unload())
         merged.save_pretrained(out)
     else:
         model.peft_config["default"].base_model_name_or_path = base_ref

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Trainer
 
+from tasks.methods import quantization_kwargs
 from tasks.sft_data import chat_ids
 
 
@@ -60,10 +61,12 @@ class BradleyTerryTrainer(Trainer):
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
 
-def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False):
+def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None):
+    """A scalar-head model on the SFT weights (4-bit base when `method` is qlora); the new head seeded."""
     torch.manual_seed(seed)  # the new head's init
+    kwargs = {"dtype": torch.float32, **quantization_kwargs(method)}
     model = AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        sft_dir, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
     model.config.pad_token_id = pad_token_id
     return model
 
