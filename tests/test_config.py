@@ -61,3 +61,17 @@ def test_qlora_refused_without_cuda(tmp_path):
     write(tmp_path, "dapt.yaml", "method: qlora\n")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         get_method(load_params("dapt", tmp_path), "params/dapt.yaml")
+
+
+def test_qlora_loads_the_frozen_base_in_4bit_nf4(tmp_path):
+    """What from_pretrained is given for a QLoRA stage (the 4-bit training itself runs in bench/gpu_check.py on a
+    GPU): NF4 with double quantisation and bf16 compute, on this rank's GPU; nothing for other methods."""
+    from tasks.methods import quantization_kwargs
+
+    write(tmp_path, "dapt.yaml", "method: qlora\nqlora: {quant_type: fp4, double_quant: false}\n")
+    kw = quantization_kwargs(load_params("dapt", tmp_path))
+    q = kw["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "fp4" and not q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and kw["device_map"] == {"": 0}
+    write(tmp_path, "dapt.yaml", "method: lora\n")
+    assert quantization_kwargs(load_params("dapt", tmp_path)) == {}
