@@ -8,17 +8,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Progress, metrics_table, publish_summary
-from tasks.config import load_params
 from tasks.dapt_data import corpus_rows, sample_prompts
 from tasks.errors import UserError
 from tasks.evaluate import eval_loss, generate
 from tasks.manifest import hash_obj, hash_path
-from tasks.methods import REGISTRY, apply_method, count_parameters, get_method
-from tasks.modeling import load_causal_lm, load_tokenizer
+from tasks.methods import REGISTRY, apply_method, count_parameters
 from tasks.packing import PadCollator
 from tasks.stage import checkpoint_dir, flow_run_namer, refuse, run_name, stage_main, summary_markdown
 from tasks.tracking import StageRecord
-from tasks.train_stage import save_stage_output, train_block
+from tasks.train_stage import load_start, save_stage_output, train_block
 from tasks.training import run_trainer
 
 SOURCE = "params/dapt.yaml"
@@ -38,11 +36,7 @@ def train_lm(model, rows, collate, cfg, ckpt, seed, rec, progress):
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
     """Params, model, tokenizer and rows, checked before anything trains (every rank builds the same)."""
-    base = load_params("base", params_dir)
-    cfg = load_params("dapt", params_dir, overrides)
-    method = get_method(cfg, f"{params_dir}/dapt.yaml")
-    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
-    tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+    base, cfg, method, model, tokenizer = load_start("dapt", params_dir, input_dir, overrides)
     corpus = Path(data_dir) / "corpus"
     train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
     val_rows = corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing)

@@ -8,12 +8,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Progress, publish_summary
-from tasks.config import load_params
 from tasks.distributed import world_size
 from tasks.errors import UserError
 from tasks.manifest import hash_obj, hash_path
-from tasks.methods import REGISTRY, apply_method, count_parameters, get_method
-from tasks.modeling import load_causal_lm, load_tokenizer
+from tasks.methods import REGISTRY, apply_method, count_parameters
 from tasks.packing import PadCollator
 from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
 from tasks.sft_eval import evaluate_tasks
@@ -26,7 +24,7 @@ from tasks.stage import (
     summary_markdown,
 )
 from tasks.tracking import StageRecord
-from tasks.train_stage import save_stage_output, train_block
+from tasks.train_stage import load_start, save_stage_output, train_block
 from tasks.training import run_trainer
 
 
@@ -43,11 +41,7 @@ def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
     """Params, model, data and the training rows, checked before anything trains (every rank builds the same)."""
-    base = load_params("base", params_dir)
-    cfg = load_params("sft", params_dir, overrides)
-    method = get_method(cfg, f"{params_dir}/sft.yaml")
-    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
-    tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
+    base, cfg, method, model, tokenizer = load_start("sft", params_dir, input_dir, overrides)
     folder = Path(data_dir) / "sft"
     train = {t: load_task(folder, t, "train") for t in cfg.tasks}
     val = {t: load_task(folder, t, "validation") for t in cfg.tasks}

@@ -1,4 +1,4 @@
-"""Pieces every training stage (dapt, sft, reward) shares: the `train` metrics block and the atomic save."""
+"""Pieces every training stage (dapt, sft, reward) shares: loading the start, the `train` metrics block, the atomic save."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,21 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.atomic import atomic_dir
+from tasks.config import load_params
 from tasks.manifest import build_manifest, tokenizer_fingerprint, write_manifest
-from tasks.modeling import save_output
+from tasks.methods import get_method
+from tasks.modeling import load_causal_lm, load_tokenizer, save_output
 from tasks.training import TrainSummary
+
+
+def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | None):
+    """(base params, stage params, method, model, tokenizer) of a causal-LM stage, validated before training;
+    the model in 4-bit when the method is qlora."""
+    base = load_params("base", params_dir)
+    cfg = load_params(stage, params_dir, overrides)
+    method = get_method(cfg, f"{params_dir}/{stage}.yaml")
+    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
+    return base, cfg, method, model, load_tokenizer(input_dir, base.trust_remote_code)
 
 
 def train_block(method: str, summary: TrainSummary, trainable: int, total: int, **extra) -> dict:
