@@ -180,9 +180,10 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
             tag_dvc_hash.with_options(task_run_name=f"lineage-{stage}")(stage, rec.run_id)
         rec.log_text("\n".join(f"{k}: {v}" for k, v in results.items()), "stages.txt")
         timing = overhead(time.perf_counter() - t_start, status_s, walls, rec.run_id)
-        atomic_write_json(TIMING, timing)
         rec.log_step(0, {f"timing.{k}": v for k, v in timing.items() if isinstance(v, (int, float))})
-        rec.log_artifact(TIMING)
+        if walls:  # a fully skipped run keeps the breakdown of the last run that trained (bench reads it)
+            atomic_write_json(TIMING, timing)
+            rec.log_artifact(TIMING)
         if REPORT.is_file():
             rec.log_artifact(REPORT, "report")
             publish_summary("pipeline", REPORT.read_text())
