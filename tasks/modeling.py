@@ -92,7 +92,8 @@ def merge_into_full_precision(model, input_dir: str | Path, adapter_dir: Path):
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, key):
             delattr(config, key)
-    full = type(inner).from_pretrained(full_weights_of(input_dir)[0], config=config, dtype=torch.float32, use_safetensors=True)
+    full = type(inner).from_pretrained(full_weights_of(input_dir)[0], config=config, dtype=torch.float32,
+                                       use_safetensors=True)
     return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
 
 
