@@ -9,9 +9,9 @@ For each model (`tiny`: a randomly initialised 2-layer Llama with the SmolLM2 to
 `default`: models/base, the SmolLM2-135M import made by the pipeline) four cases run, each in a fresh
 subprocess of this script (`--only <case>`), so that peak memory (ru_maxrss) is per case and no state leaks:
 
-    sft-ours     our packed rows + PadCollator + tasks.training.run_trainer (LoRA r16, block 512, batch 2 rows)
+    sft-ours     our packed rows + PadCollator + refinery.train.trainer.run_trainer (LoRA r16, block 512, batch 2 rows)
     sft-trl      trl.SFTTrainer on the same examples (packing=True, BFD, padding-free), same LoRA and optimiser
-    reward-ours  tasks.reward_model.BradleyTerryTrainer via run_trainer (LoRA SEQ_CLS r16, batch 4 pairs)
+    reward-ours  refinery.train.reward_model.BradleyTerryTrainer via run_trainer (LoRA SEQ_CLS r16, batch 4 pairs)
     reward-trl   trl.RewardTrainer on the same pairs, same model init, same LoRA and optimiser
 
 Results go to <out>/RESULTS.md and <out>/results.json (overwritten by every run; see bench/README.md for how
@@ -163,7 +163,7 @@ def mfu(tokens_per_second: float | None, fpt: float) -> float | None:
 
 def summarise(case: str, meter: Meter, seconds: float, steps: int, per_step_pairs: int | None,
               trainer, extra: dict) -> dict:
-    from tasks.training import peak_memory_mb
+    from refinery.train.trainer import peak_memory_mb
 
     res = {"case": case, "steps": steps, "seconds": round(seconds, 3), "tokens": meter.tokens,
            "loss_tokens": meter.loss_tokens, "tokens_per_second": round(meter.tokens / max(seconds, 1e-9), 2),
@@ -195,7 +195,7 @@ def summarise(case: str, meter: Meter, seconds: float, steps: int, per_step_pair
 
 
 def training_kwargs(steps: int, batch: int, lr: float, out: Path, count_tokens: str) -> dict:
-    """The TrainingArguments our run_trainer sets (tasks.training.training_arguments), for the TRL configs."""
+    """The TrainingArguments our run_trainer sets (refinery.train.trainer.training_arguments), for the TRL configs."""
     import torch
 
     return dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
@@ -208,7 +208,7 @@ def training_kwargs(steps: int, batch: int, lr: float, out: Path, count_tokens: 
 
 
 def our_targs(steps: int, batch: int, lr: float):
-    from tasks.config import TrainingArgs
+    from refinery.config import TrainingArgs
 
     # one checkpoint, at the end, as the TRL side (save_steps=steps): both pay one save inside train()
     return TrainingArgs(max_steps=steps, batch_size=batch, grad_accum=1, lr=lr, weight_decay=0.0,
@@ -217,7 +217,7 @@ def our_targs(steps: int, batch: int, lr: float):
 
 
 def lora_params(dropout: float):
-    from tasks.config import LoraArgs, MethodParams
+    from refinery.config import LoraArgs, MethodParams
 
     return MethodParams(method="lora", lora=LoraArgs(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout))
 
@@ -227,8 +227,8 @@ def lora_params(dropout: float):
 # ---------------------------------------------------------------------------------------------------------------
 def sft_data(tokenizer, data_dir: Path, steps: int):
     """Our packed rows (exactly steps*batch, as flows/sft.py builds them) and the raw records they hold, in order."""
-    from tasks.config import load_params
-    from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example, sample_mixture
+    from refinery.config import load_params
+    from refinery.data.sft_examples import build_train_rows, load_task, mixture_probs, render_example, sample_mixture
 
     cfg = load_params("sft")  # the task list and mixture come from params/sft.yaml; hyper-parameters are fixed here
     records = {t: load_task(data_dir / "sft", t, "train") for t in cfg.tasks}
@@ -252,8 +252,8 @@ def sft_data(tokenizer, data_dir: Path, steps: int):
 def reward_data(tokenizer, data_dir: Path, steps: int):
     """The first steps*batch preference pairs whose both sides fit in max_length (ours would left-truncate a longer
     one and TRL would drop it: only pairs both sides keep intact are used)."""
-    from tasks.records import read_jsonl
-    from tasks.reward_model import render
+    from refinery.data.records import read_jsonl
+    from refinery.train.reward_model import render
 
     recs = [r for _, r in read_jsonl(data_dir / "preferences" / "train.jsonl")]
     fit = [r for r in recs if max(len(render(tokenizer, r["prompt"], r[k], 10**9)) for k in ("chosen", "rejected"))
@@ -271,10 +271,10 @@ def reward_data(tokenizer, data_dir: Path, steps: int):
 def case_sft_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
     import torch
 
-    from tasks.methods import apply_method
-    from tasks.modeling import load_causal_lm, load_tokenizer
-    from tasks.packing import PadCollator
-    from tasks.training import run_trainer
+    from refinery.modeling.methods import apply_method
+    from refinery.modeling.loading import load_causal_lm, load_tokenizer
+    from refinery.data.packing import PadCollator
+    from refinery.train.trainer import run_trainer
 
     tok = load_tokenizer(model_dir)
     rows, _, stats = sft_data(tok, data_dir, steps)
@@ -296,8 +296,8 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.methods import peft_config
-    from tasks.modeling import load_causal_lm, load_tokenizer
+    from refinery.modeling.methods import peft_config
+    from refinery.modeling.loading import load_causal_lm, load_tokenizer
 
     _, used, stats = sft_data(load_tokenizer(model_dir), data_dir, steps)
     conv = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
@@ -346,10 +346,10 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
 
 
 def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
-    from tasks.methods import apply_method
-    from tasks.modeling import load_tokenizer
-    from tasks.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows
-    from tasks.training import run_trainer
+    from refinery.modeling.methods import apply_method
+    from refinery.modeling.loading import load_tokenizer
+    from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows
+    from refinery.train.trainer import run_trainer
 
     tok = load_tokenizer(model_dir)
     used, stats = reward_data(tok, data_dir, steps)
@@ -368,9 +368,9 @@ def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> 
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from tasks.methods import peft_config
-    from tasks.modeling import load_tokenizer
-    from tasks.reward_model import init_reward_model, pair_rows
+    from refinery.modeling.methods import peft_config
+    from refinery.modeling.loading import load_tokenizer
+    from refinery.train.reward_model import init_reward_model, pair_rows
 
     tok = load_tokenizer(model_dir)
     used, stats = reward_data(tok, data_dir, steps)
@@ -451,8 +451,8 @@ def machine_info() -> dict:
 
 
 def build_tiny(folder: Path) -> Path:
-    from tasks.base_import import import_base
-    from tasks.config import BaseModelParams
+    from refinery.modeling.base_import import import_base
+    from refinery.config import BaseModelParams
 
     model, tok = import_base(BaseModelParams(source="tiny"), seed=0, trust_remote_code=False)
     model.save_pretrained(folder)
@@ -464,9 +464,9 @@ def ensure_data(model_dir: Path, work: Path) -> tuple[Path, str]:
     prepared = ROOT / "data" / "prepared"
     if (prepared / "sft").is_dir() and (prepared / "preferences" / "train.jsonl").is_file():
         return prepared, "data/prepared (the pipeline's prepare stage)"
-    from tasks.config import load_params
-    from tasks.modeling import load_tokenizer
-    from tasks.prepare_data import prepare_all
+    from refinery.config import load_params
+    from refinery.modeling.loading import load_tokenizer
+    from refinery.data.prepare import prepare_all
 
     out = work / "prepared"
     prepare_all(load_params("prepare"), load_tokenizer(model_dir), 2048, SEED, out)

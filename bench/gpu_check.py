@@ -29,14 +29,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tasks.config import LoraArgs, MethodParams, PPOParams, QLoraArgs, TrainingArgs  # noqa: E402
-from tasks.methods import apply_method, get_method  # noqa: E402
-from tasks.modeling import load_causal_lm, load_tokenizer, save_output  # noqa: E402
-from tasks.packing import PadCollator  # noqa: E402
-from tasks.records import read_jsonl  # noqa: E402
-from tasks.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows, score  # noqa: E402
-from tasks.sft_data import chat_ids, render_example  # noqa: E402
-from tasks.training import run_trainer  # noqa: E402
+from refinery.config import LoraArgs, MethodParams, PPOParams, QLoraArgs, TrainingArgs  # noqa: E402
+from refinery.modeling.methods import apply_method, get_method  # noqa: E402
+from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output  # noqa: E402
+from refinery.data.packing import PadCollator  # noqa: E402
+from refinery.data.records import read_jsonl  # noqa: E402
+from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows, score  # noqa: E402
+from refinery.data.sft_examples import chat_ids, render_example  # noqa: E402
+from refinery.train.trainer import run_trainer  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.0)
 
@@ -144,7 +144,7 @@ def check_bf16_sft(model_dir: Path, work: Path) -> dict:
 
 
 def check_ppo_cuda(model_dir: Path, work: Path) -> dict:
-    from tasks.ppo_trainer import PPOTrainer
+    from refinery.rlhf.ppo_trainer import PPOTrainer
 
     tok = load_tokenizer(model_dir)
     prompts = [chat_ids(tok, [{"role": "user", "content": f"Tell me about topic {i}."}], add_generation_prompt=True)

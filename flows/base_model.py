@@ -4,16 +4,16 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import metrics_table, publish_summary
-from tasks.atomic import atomic_dir
-from tasks.base_import import import_base
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.evaluate import generate
-from tasks.manifest import build_manifest, tokenizer_fingerprint, write_manifest
-from tasks.methods import count_parameters
-from tasks.stage import refuse, run_name, stage_main, summary_markdown
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import metrics_table, publish_summary
+from refinery.atomic import atomic_dir
+from refinery.modeling.base_import import import_base
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.evaluation.heldout import generate
+from refinery.modeling.manifest import build_manifest, tokenizer_fingerprint, write_manifest
+from refinery.modeling.methods import count_parameters
+from refinery.ops.stage_cli import refuse, run_name, stage_main, summary_markdown
+from refinery.ops.tracking import StageRecord
 
 SMOKE_PROMPT = "What is the capital of France?"
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_write_text
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.prefect_link import fan_out_runner, run_child_flow
-from tasks.stage import refuse, run_name, stage_main
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import publish_summary
+from refinery.atomic import atomic_write_text
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.ops.prefect_link import fan_out_runner, run_child_flow
+from refinery.ops.stage_cli import refuse, run_name, stage_main
+from refinery.ops.tracking import StageRecord
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
            "tokens_per_second", "eval_loss", "score", "score_before", "status")

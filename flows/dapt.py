@@ -7,17 +7,17 @@ from types import SimpleNamespace
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import Progress, metrics_table, publish_summary
-from tasks.dapt_data import corpus_rows, sample_prompts
-from tasks.errors import UserError
-from tasks.evaluate import eval_loss, generate
-from tasks.manifest import hash_obj, hash_path
-from tasks.methods import REGISTRY, apply_method, count_parameters
-from tasks.packing import PadCollator
-from tasks.stage import checkpoint_dir, flow_run_namer, refuse, run_name, stage_main, summary_markdown
-from tasks.tracking import StageRecord
-from tasks.train_stage import load_start, save_stage_output, train_block
-from tasks.training import run_trainer
+from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
+from refinery.data.corpus import corpus_rows, sample_prompts
+from refinery.errors import UserError
+from refinery.evaluation.heldout import eval_loss, generate
+from refinery.modeling.manifest import hash_obj, hash_path
+from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
+from refinery.data.packing import PadCollator
+from refinery.ops.stage_cli import checkpoint_dir, flow_run_namer, refuse, run_name, stage_main, summary_markdown
+from refinery.ops.tracking import StageRecord
+from refinery.train.stage_io import load_start, save_stage_output, train_block
+from refinery.train.trainer import run_trainer
 
 SOURCE = "params/dapt.yaml"
 

@@ -3,7 +3,7 @@
 Each stage is a Prefect task that runs `dvc repro --single-item <stage>`: DVC runs the stage's own flow
 (`python -m flows.<stage>`) and records it in dvc.lock, so after a Prefect run `dvc status` is clean and
 `dvc repro` does nothing. A stage DVC reports up to date is not run: its task ends in a `Skipped` state
-with DVC's reason. The order comes from dvc.yaml (tasks/dag.py), never from a list here.
+with DVC's reason. The order comes from dvc.yaml (refinery/ops/dag.py), never from a list here.
 
     python -m flows.pipeline                      # everything that changed
     python -m flows.pipeline --from sft --to ppo  # a slice
@@ -23,14 +23,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_write_json
-from tasks.config import load_params
-from tasks.dag import flow_name, locked_stage_hash, stage_order, stage_status
-from tasks.errors import UserError, exit_on_user_error
-from tasks.prefect_link import child_env, close_unfinished
-from tasks.stage import refuse, run_cli, run_name
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import publish_summary
+from refinery.atomic import atomic_write_json
+from refinery.config import load_params
+from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
+from refinery.errors import UserError, exit_on_user_error
+from refinery.ops.prefect_link import child_env, close_unfinished
+from refinery.ops.stage_cli import refuse, run_cli, run_name
+from refinery.ops.tracking import StageRecord
 
 REPORT = Path("reports/pipeline/report.md")
 TIMING = Path("reports/pipeline-timing.json")  # beside, not inside, the report stage's DVC out

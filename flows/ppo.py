@@ -14,17 +14,17 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForSequenceClassification
 
-from tasks.artifacts import Progress, metrics_table, publish_summary
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
-from tasks.methods import apply_method, check_stage_method, count_parameters, quantization_kwargs
-from tasks.modeling import full_weights_of, load_causal_lm, load_tokenizer, model_kind
-from tasks.ppo_eval import decode_responses, evaluate_policy, rm_scores
-from tasks.ppo_trainer import PPOTrainer
-from tasks.records import read_jsonl
-from tasks.sft_data import chat_ids
-from tasks.stage import (
+from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.modeling.manifest import check_same_tokenizer, hash_obj, hash_path
+from refinery.modeling.methods import apply_method, check_stage_method, count_parameters, quantization_kwargs
+from refinery.modeling.loading import full_weights_of, load_causal_lm, load_tokenizer, model_kind
+from refinery.rlhf.policy_eval import decode_responses, evaluate_policy, rm_scores
+from refinery.rlhf.ppo_trainer import PPOTrainer
+from refinery.data.records import read_jsonl
+from refinery.data.sft_examples import chat_ids
+from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
     refuse,
@@ -32,9 +32,9 @@ from tasks.stage import (
     stage_main,
     summary_markdown,
 )
-from tasks.tracking import StageRecord
-from tasks.train_stage import save_stage_output
-from tasks.training import peak_memory_mb
+from refinery.ops.tracking import StageRecord
+from refinery.train.stage_io import save_stage_output
+from refinery.train.trainer import peak_memory_mb
 
 
 def load_scalar_model(folder: str, trust_remote_code: bool, method=None):

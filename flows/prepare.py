@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_dir, atomic_write_json
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.modeling import load_tokenizer
-from tasks.prepare_data import prepare_all
-from tasks.stage import refuse, run_name, stage_main, summary_markdown
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import publish_summary
+from refinery.atomic import atomic_dir, atomic_write_json
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.modeling.loading import load_tokenizer
+from refinery.data.prepare import prepare_all
+from refinery.ops.stage_cli import refuse, run_name, stage_main, summary_markdown
+from refinery.ops.tracking import StageRecord
 
 
 @flow(name="prepare", flow_run_name="prepare")

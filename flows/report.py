@@ -9,12 +9,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_dir
-from tasks.config import load_params
-from tasks.registry import register_policy
-from tasks.stage import run_name, stage_main
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import publish_summary
+from refinery.atomic import atomic_dir
+from refinery.config import load_params
+from refinery.ops.registry import register_policy
+from refinery.ops.stage_cli import run_name, stage_main
+from refinery.ops.tracking import StageRecord
 
 STAGES = ("base_model", "prepare", "dapt", "sft", "reward", "ppo", "compare")
 

@@ -8,16 +8,16 @@ from types import SimpleNamespace
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import Progress, metrics_table, publish_summary
-from tasks.config import load_params
-from tasks.distributed import world_size
-from tasks.errors import UserError
-from tasks.manifest import check_same_tokenizer, hash_obj, hash_path
-from tasks.methods import apply_method, check_stage_method, count_parameters
-from tasks.modeling import full_weights_of, load_tokenizer
-from tasks.records import read_jsonl
-from tasks.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
-from tasks.stage import (
+from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
+from refinery.config import load_params
+from refinery.ops.distributed import world_size
+from refinery.errors import UserError
+from refinery.modeling.manifest import check_same_tokenizer, hash_obj, hash_path
+from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
+from refinery.modeling.loading import full_weights_of, load_tokenizer
+from refinery.data.records import read_jsonl
+from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
+from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
     refuse,
@@ -25,9 +25,9 @@ from tasks.stage import (
     stage_main,
     summary_markdown,
 )
-from tasks.tracking import StageRecord
-from tasks.train_stage import save_stage_output, train_block
-from tasks.training import run_trainer
+from refinery.ops.tracking import StageRecord
+from refinery.train.stage_io import save_stage_output, train_block
+from refinery.train.trainer import run_trainer
 
 
 @task(cache_policy=NO_CACHE)

@@ -7,15 +7,15 @@ from types import SimpleNamespace
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import Progress, publish_summary
-from tasks.distributed import world_size
-from tasks.errors import UserError
-from tasks.manifest import hash_obj, hash_path
-from tasks.methods import REGISTRY, apply_method, count_parameters
-from tasks.packing import PadCollator
-from tasks.sft_data import build_train_rows, load_task, mixture_probs, render_example
-from tasks.sft_eval import evaluate_tasks
-from tasks.stage import (
+from refinery.ops.prefect_artifacts import Progress, publish_summary
+from refinery.ops.distributed import world_size
+from refinery.errors import UserError
+from refinery.modeling.manifest import hash_obj, hash_path
+from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
+from refinery.data.packing import PadCollator
+from refinery.data.sft_examples import build_train_rows, load_task, mixture_probs, render_example
+from refinery.evaluation.sft_tasks import evaluate_tasks
+from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
     refuse,
@@ -23,9 +23,9 @@ from tasks.stage import (
     stage_main,
     summary_markdown,
 )
-from tasks.tracking import StageRecord
-from tasks.train_stage import load_start, save_stage_output, train_block
-from tasks.training import run_trainer
+from refinery.ops.tracking import StageRecord
+from refinery.train.stage_io import load_start, save_stage_output, train_block
+from refinery.train.trainer import run_trainer
 
 
 @task(cache_policy=NO_CACHE)

@@ -23,14 +23,14 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import publish_summary
-from tasks.atomic import atomic_write_text
-from tasks.config import load_params
-from tasks.errors import UserError, exit_on_user_error
-from tasks.methods import check_stage_method
-from tasks.prefect_link import fan_out_runner, run_child_flow
-from tasks.stage import refuse, run_cli, run_name
-from tasks.tracking import StageRecord
+from refinery.ops.prefect_artifacts import publish_summary
+from refinery.atomic import atomic_write_text
+from refinery.config import load_params
+from refinery.errors import UserError, exit_on_user_error
+from refinery.modeling.methods import check_stage_method
+from refinery.ops.prefect_link import fan_out_runner, run_child_flow
+from refinery.ops.stage_cli import refuse, run_cli, run_name
+from refinery.ops.tracking import StageRecord
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:

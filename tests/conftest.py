@@ -52,8 +52,8 @@ def write_tiny_params(dst: Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """models/base for source `tiny`: 2 layers, hidden 64, SmolLM2's real tokenizer and chat template."""
-    from tasks.base_import import import_base
-    from tasks.config import BaseModelParams
+    from refinery.modeling.base_import import import_base
+    from refinery.config import BaseModelParams
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     model, tok = import_base(BaseModelParams(source="tiny"), seed=0, trust_remote_code=False)
@@ -85,9 +85,9 @@ def project(tmp_path, monkeypatch, tiny_base) -> Path:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, tiny_base) -> Path:
     """data/prepared from the demo data, built once per session (prepare is deterministic)."""
-    from tasks.config import load_params
-    from tasks.modeling import load_tokenizer
-    from tasks.prepare_data import prepare_all
+    from refinery.config import load_params
+    from refinery.modeling.loading import load_tokenizer
+    from refinery.data.prepare import prepare_all
 
     root = tmp_path_factory.mktemp("prepared")
     write_tiny_params(root / "params")

@@ -1,4 +1,4 @@
-"""Tests for tasks/bottleneck.py on a tiny random Llama (CPU, a few seconds)."""
+"""Tests for refinery/modeling/bottleneck.py on a tiny random Llama (CPU, a few seconds)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from tasks.bottleneck import (
+from refinery.modeling.bottleneck import (
     CONFIG_NAME,
     FORMAT,
     WEIGHTS_NAME,
@@ -23,7 +23,7 @@ from tasks.bottleneck import (
     save_adapters,
     trainable_adapter_state_dict,
 )
-from tasks.config import AdapterArgs
+from refinery.config import AdapterArgs
 
 HIDDEN, LAYERS, B = 32, 2, 8
 # one adapter: down = hidden*b + b = 32*8 + 8 = 264; up = b*hidden + hidden = 8*32 + 32 = 288 -> 552

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.methods import get_method
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.modeling.methods import get_method
 
 
 def write(tmp_path, name, text):
@@ -66,7 +66,7 @@ def test_qlora_refused_without_cuda(tmp_path):
 def test_qlora_loads_the_frozen_base_in_4bit_nf4(tmp_path):
     """What from_pretrained is given for a QLoRA stage (the 4-bit training itself runs in bench/gpu_check.py on a
     GPU): NF4 with double quantisation and bf16 compute, on this rank's GPU; nothing for other methods."""
-    from tasks.methods import quantization_kwargs
+    from refinery.modeling.methods import quantization_kwargs
 
     write(tmp_path, "dapt.yaml", "method: qlora\nqlora: {quant_type: fp4, double_quant: false}\n")
     kw = quantization_kwargs(load_params("dapt", tmp_path))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.dag import flow_name
+from refinery.ops.dag import flow_name
 from tests.conftest import REPO, write_tiny_params
 
 pytestmark = pytest.mark.slow

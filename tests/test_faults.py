@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks.errors import UserError
-from tasks.tracking import StageRecord, configure_mlflow, redact
+from refinery.errors import UserError
+from refinery.ops.tracking import StageRecord, configure_mlflow, redact
 
 DEAD = "http://127.0.0.1:9"  # discard port: nothing listens
 

@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tasks.generate import MultiAdapterModel
+from refinery.ops.generate import MultiAdapterModel
 
 
 def make_adapter(base_dir, out, seed):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tasks.packing import IGNORE, PadCollator, pack_documents, rows_to_list
+from refinery.data.packing import IGNORE, PadCollator, pack_documents, rows_to_list
 
 
 def test_pack_layout():

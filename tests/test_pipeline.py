@@ -6,8 +6,8 @@ import yaml
 
 from flows.pipeline import apply_overrides, select
 from flows.report import build_report
-from tasks.dag import stage_order
-from tasks.errors import UserError
+from refinery.ops.dag import stage_order
+from refinery.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_each_stage_links_to_its_own_flow_name():
     """The pipeline creates each stage's flow run (so it shows as a subflow) under the stage flow's name."""
     import re
 
-    from tasks.dag import flow_name
+    from refinery.ops.dag import flow_name
 
     for name, spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         source = (REPO / (spec["cmd"].split()[-1].replace(".", "/") + ".py")).read_text()
@@ -40,7 +40,7 @@ def test_each_stage_links_to_its_own_flow_name():
 
 
 def test_locked_stage_hash_follows_deps_and_params_not_outs(tmp_path):
-    from tasks.dag import locked_stage_hash
+    from refinery.ops.dag import locked_stage_hash
 
     entry = {"cmd": "python -m flows.sft", "deps": [{"path": "data", "md5": "a"}],
              "params": {"params/sft.yaml": {"lr": 1}}, "outs": [{"path": "models/sft", "md5": "x"}]}
@@ -88,8 +88,8 @@ def test_report_flags_over_optimisation():
 
 
 def test_champion_rule():
-    from tasks.config import RegistryArgs
-    from tasks.registry import decide
+    from refinery.config import RegistryArgs
+    from refinery.ops.registry import decide
 
     args = RegistryArgs(min_win_rate=0.5, max_reference_drop=0.02)
     good = {"win_rate_vs_sft": 0.7, "reference_score_policy": 0.40}

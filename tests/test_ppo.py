@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tasks.config import PPOParams
-from tasks.modeling import load_tokenizer
-from tasks.ppo_trainer import PPOTrainer
-from tasks.sft_data import chat_ids
+from refinery.config import PPOParams
+from refinery.modeling.loading import load_tokenizer
+from refinery.rlhf.ppo_trainer import PPOTrainer
+from refinery.data.sft_examples import chat_ids
 
 # A random tiny model's logits are almost flat; sampling at temperature 0.1 (used consistently in the PPO
 # log-probs) gives the policy a distribution it can tilt within a few steps.

@@ -1,4 +1,4 @@
-"""Tests for tasks/ppo_math.py against values computed by hand (arithmetic in comments)."""
+"""Tests for refinery/rlhf/ppo_math.py against values computed by hand (arithmetic in comments)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tasks.ppo_math import (
+from refinery.rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from tasks.atomic import atomic_dir
-from tasks.config import load_params
-from tasks.errors import UserError
-from tasks.modeling import load_tokenizer
-from tasks.prepare_data import prepare_all, split_of
+from refinery.atomic import atomic_dir
+from refinery.config import load_params
+from refinery.errors import UserError
+from refinery.modeling.loading import load_tokenizer
+from refinery.data.prepare import prepare_all, split_of
 
 
 def test_demo_data_prepared(prepared):

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from tasks.errors import UserError
-from tasks.records import SCHEMAS, check_record, load_valid
+from refinery.errors import UserError
+from refinery.data.records import SCHEMAS, check_record, load_valid
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -3,11 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tasks.config import TrainingArgs
-from tasks.dapt_data import corpus_rows
-from tasks.modeling import load_tokenizer
-from tasks.packing import PadCollator
-from tasks.training import last_complete_checkpoint, run_trainer
+from refinery.config import TrainingArgs
+from refinery.data.corpus import corpus_rows
+from refinery.modeling.loading import load_tokenizer
+from refinery.data.packing import PadCollator
+from refinery.train.trainer import last_complete_checkpoint, run_trainer
 
 ARGS = TrainingArgs(max_steps=6, batch_size=2, lr=3e-3, save_steps=2, keep_checkpoints=2, warmup_ratio=0.0)
 

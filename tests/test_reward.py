@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from flows.reward import reward_flow
-from tasks.reward_model import bradley_terry_loss
+from refinery.train.reward_model import bradley_terry_loss
 
 
 def test_bradley_terry_by_hand():

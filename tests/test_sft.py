@@ -7,10 +7,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from flows.sft import sft_flow
-from tasks.modeling import load_tokenizer
-from tasks.packing import IGNORE
-from tasks.sft_data import build_train_rows, mixture_probs, render_example, sample_mixture
-from tasks.text_metrics import exact_match, rouge_l, token_f1
+from refinery.modeling.loading import load_tokenizer
+from refinery.data.packing import IGNORE
+from refinery.data.sft_examples import build_train_rows, mixture_probs, render_example, sample_mixture
+from refinery.evaluation.text_metrics import exact_match, rouge_l, token_f1
 
 
 def test_loss_is_on_the_response_only(tiny_base):
@@ -75,8 +75,8 @@ def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server):
 
 
 def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):
-    from tasks.bottleneck import add_adapters, save_adapters
-    from tasks.config import AdapterArgs
+    from refinery.modeling.bottleneck import add_adapters, save_adapters
+    from refinery.config import AdapterArgs
 
     dapt = sft_project / "models" / "dapt"
     model = add_adapters(AutoModelForCausalLM.from_pretrained(dapt), AdapterArgs(bottleneck=4))
@@ -88,9 +88,9 @@ def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):
 
 
 def test_rl_stages_start_from_the_base_of_a_non_mergeable_sft(sft_project):
-    from tasks.bottleneck import add_adapters, save_adapters
-    from tasks.config import AdapterArgs
-    from tasks.modeling import full_weights_of
+    from refinery.modeling.bottleneck import add_adapters, save_adapters
+    from refinery.config import AdapterArgs
+    from refinery.modeling.loading import full_weights_of
 
     sft = sft_project / "models" / "sft"
     model = add_adapters(AutoModelForCausalLM.from_pretrained(sft_project / "models" / "dapt"), AdapterArgs(bottleneck=4))

@@ -1,0 +1,354 @@
+"""Typed, validated params: every `params/<stage>.yaml` becomes a pydantic object.
+
+An unknown key, a wrong type or an unknown method is a one-line `UserError` naming the file and the key.
+DVC tracks the same files (`params:` in dvc.yaml), so what DVC hashes is what the stage reads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from refinery.errors import UserError
+
+METHODS = ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt", "ptuning", "ptuning_v2")
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- adaptation methods: one block each, sensible defaults -------------------------------------
+class LoraArgs(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR))
+
+
+class QLoraArgs(LoraArgs):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class AdapterArgs(Strict):
+    """Bottleneck adapters (Houlsby: after attention and MLP; Pfeiffer: after the MLP only)."""
+
+    bottleneck: int = Field(32, gt=0)
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    nonlinearity: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class IA3Args(Strict):
+    target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+
+
+class PrefixArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+
+
+class PromptArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    init_text: str | None = None  # None: random init; else initialise from these tokens
+
+
+class PtuningArgs(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+
+
+class PtuningV2Args(Strict):
+    num_virtual_tokens: int = Field(16, gt=0)
+
+
+class MethodParams(Strict):
+    method: str = "lora"
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+    qlora: QLoraArgs = Field(default_factory=QLoraArgs)
+    adapter: AdapterArgs = Field(default_factory=AdapterArgs)
+    ia3: IA3Args = Field(default_factory=IA3Args)
+    prefix: PrefixArgs = Field(default_factory=PrefixArgs)
+    prompt: PromptArgs = Field(default_factory=PromptArgs)
+    ptuning: PtuningArgs = Field(default_factory=PtuningArgs)
+    ptuning_v2: PtuningV2Args = Field(default_factory=PtuningV2Args)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}' (known: {', '.join(METHODS)})")
+        return value
+
+    @property
+    def method_args(self) -> Strict | None:
+        return None if self.method == "full" else getattr(self, self.method)
+
+
+class TrainingArgs(Strict):
+    max_steps: int = Field(20, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    save_steps: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    # Processes for this stage (refinery/ops/distributed.py): >1 relaunches it under torchrun (DDP: gloo on CPU, nccl
+    # on GPU); `accelerate_config` (e.g. configs/accelerate/fsdp.yaml) relaunches it with `accelerate launch`.
+    # batch_size stays per process: the global batch is batch_size x grad_accum x processes.
+    nproc_per_node: int = Field(1, gt=0)
+    accelerate_config: str | None = None
+
+
+class EvalArgs(Strict):
+    max_batches: int = Field(8, gt=0)
+    batch_size: int = Field(4, gt=0)
+    num_samples: int = Field(3, ge=0)  # sample generations logged as an artifact
+    max_new_tokens: int = Field(48, gt=0)
+
+
+# ---- stages --------------------------------------------------------------------------------------
+class TrackingParams(Strict):
+    experiment: str = "llm-refinery"
+    on_server_unreachable: Literal["error", "local"] = "error"
+
+
+class BaseParams(Strict):
+    seed: int = 42
+    trust_remote_code: bool = False
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+
+class TinyArgs(Strict):
+    layers: int = Field(2, gt=0)
+    hidden: int = Field(64, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate: int = Field(128, gt=0)
+    max_positions: int = Field(2048, gt=0)
+
+
+class BaseModelParams(Strict):
+    source: Literal["smollm2", "tiny", "local", "hub"] = "smollm2"
+    path: str | None = None  # folder for `local`, model id for `hub`
+    tiny: TinyArgs = Field(default_factory=TinyArgs)
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source in ("local", "hub") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path'")
+        return self
+
+
+class DatasetsParams(Strict):
+    corpus: str
+    sft: dict[str, str]  # task name -> JSONL path
+    preferences: str
+    prompts: str
+
+
+class PrepareParams(Strict):
+    on_bad_record: Literal["error", "skip"] = "error"
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(1024, gt=0)  # tokens; records longer than this (or the model context) are bad
+    datasets: DatasetsParams
+
+
+class DaptParams(MethodParams):
+    block_size: int = Field(256, gt=8)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: EvalArgs = Field(default_factory=EvalArgs)
+
+
+class SftTask(Strict):
+    weight: float = Field(1.0, gt=0)
+    metric: Literal["exact_match", "token_f1", "rouge_l"] = "rouge_l"
+
+
+class SftEvalArgs(Strict):
+    before: bool = True  # also evaluate the input model (the method comparison evaluates it once, not per method)
+    max_examples_per_task: int = Field(16, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class SftParams(MethodParams):
+    """Multi-task SFT. Mixing: `proportional` samples task i with p_i ∝ weight_i·n_i (n_i = its training
+    examples); `temperature` uses p_i ∝ (weight_i·n_i)^(1/temperature), flattening the mixture as T grows."""
+
+    tasks: dict[str, SftTask]
+    mixing: Literal["proportional", "temperature"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    block_size: int = Field(512, gt=8)  # packed row length (tokens)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: SftEvalArgs = Field(default_factory=SftEvalArgs)
+
+    @model_validator(mode="after")
+    def _some_task(self):
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        return self
+
+
+class RewardEvalArgs(Strict):
+    max_pairs: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    buckets: int = Field(4, gt=0)  # calibration: accuracy by |margin| quantile bucket
+
+
+class RewardParams(MethodParams):
+    """Reward model: a scalar head on the SFT model, Bradley-Terry loss -log σ(r_chosen - r_rejected - margin)."""
+
+    margin: float = Field(0.0, ge=0)
+    max_length: int = Field(512, gt=8)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
+
+
+class PPOParams(MethodParams):
+    """PPO with a KL penalty to the SFT reference (InstructGPT / Ziegler et al. 2019)."""
+
+    steps: int = Field(12, gt=0)
+    batch_size: int = Field(8, gt=0)          # prompts (= episodes) per PPO step
+    mini_batch_size: int = Field(4, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    value_lr: float = Field(1e-4, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0)  # longer training prompts are left out (rollout cost ~ length)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float = Field(1.0, gt=0)      # per-sequence KL the adaptive controller steers towards
+    kl_horizon: int = Field(100, gt=0)
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    whiten_rewards: bool = False
+    reward_clip: float | None = Field(5.0, gt=0)
+    normalize_scores: bool = True            # running mean/std of reward-model scores
+    missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response without EOS
+    save_steps: int = Field(4, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
+    eval_prompts: int = Field(24, gt=0)
+    eval_max_new_tokens: int = Field(32, gt=0)
+    # agreement of greedy answers with the held-out references, per prompt task (default rouge_l)
+    reference_metrics: dict[str, Literal["exact_match", "token_f1", "rouge_l"]] = Field(
+        default_factory=lambda: {"which_module": "exact_match", "summarize": "rouge_l"})
+
+    @model_validator(mode="after")
+    def _minibatch(self):
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+        return self
+
+
+class CompareParams(Strict):
+    """The method comparison: the same SFT, once per method."""
+
+    methods: list[str] = Field(default_factory=lambda: ["full", "lora", "adapter", "ia3", "prefix", "prompt",
+                                                        "ptuning", "ptuning_v2"])
+    max_steps: int = Field(8, gt=0)
+    parallel: int = Field(1, gt=0)  # concurrent methods (each its own process); 1 on a small CPU machine
+    task_runner: Literal["thread", "dask"] = "thread"  # dask: prefect-dask's local cluster (or DASK_SCHEDULER_ADDRESS)
+    lr: dict[str, float] = Field(default_factory=dict)  # per-method learning rate overrides
+    sft_overrides: dict[str, Any] = Field(default_factory=dict)  # dotted params/sft.yaml keys, for every method
+
+    @model_validator(mode="after")
+    def _known(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method '{bad[0]}' (known: {', '.join(METHODS)})")
+        return self
+
+
+class RegistryArgs(Strict):
+    """Model registry: the PPO policy is registered as a new version; alias `champion` moves to it only when
+    its RM-judged win rate over its SFT policy is at least `min_win_rate` and not below the champion's, and
+    its reference agreement is at most `max_reference_drop` below the champion's; otherwise `challenger`."""
+
+    enabled: bool = True
+    model_name: str = "llm-refinery-policy"
+    min_win_rate: float = Field(0.5, ge=0, le=1)
+    max_reference_drop: float = Field(0.02, ge=0)
+
+
+class ReportParams(Strict):
+    registry: RegistryArgs = Field(default_factory=RegistryArgs)
+
+
+STAGE_MODELS: dict[str, type[Strict]] = {
+    "base": BaseParams,
+    "base_model": BaseModelParams,
+    "prepare": PrepareParams,
+    "dapt": DaptParams,
+    "sft": SftParams,
+    "compare": CompareParams,
+    "reward": RewardParams,
+    "ppo": PPOParams,
+    "report": ReportParams,
+}
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any] | None, path: Path) -> dict:
+    """`{"training.lr": 1e-3}` sets data["training"]["lr"]; used by flow parameters and tests."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{path}: override '{dotted}': '{key}' is not a mapping")
+        node[leaf] = value
+    return data
+
+
+def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[str, Any] | None = None):
+    """Load and validate `params/<stage>.yaml` into its typed config."""
+    model = STAGE_MODELS.get(stage)
+    if model is None:
+        raise UserError(f"unknown stage '{stage}' (known: {', '.join(STAGE_MODELS)})")
+    path = Path(params_dir) / f"{stage}.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _apply_overrides(data, overrides, path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(path, exc)) from None
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{path}: key '{key}': {msg}{more}"

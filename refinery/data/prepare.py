@@ -1,0 +1,100 @@
+"""The `prepare` stage's logic: validate, deduplicate and split every raw data set deterministically.
+
+Layout written under data/prepared/:
+    corpus/{train,validation}.jsonl
+    sft/<task>/{train,validation}.jsonl
+    preferences/{train,validation}.jsonl
+    prompts/{train,validation}.jsonl
+    report.json        counts per set, dropped records and why (also metrics/prepare.json)
+The split is by a hash of (seed, record id), so it is stable when records are added or removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from refinery.config import PrepareParams
+from refinery.data.records import BadRecord, load_valid
+
+SPLITS = ("train", "validation")
+
+
+def split_of(record_id: str, seed: int, validation_fraction: float) -> str:
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "validation" if u < validation_fraction else "train"
+
+
+def split_records(records: list[dict], seed: int, fraction: float) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for rec in records:
+        out[split_of(rec["id"], seed, fraction)].append(rec)
+    # a tiny set could hash entirely to one side: keep at least one record on each side
+    for a, b in (("train", "validation"), ("validation", "train")):
+        if not out[a] and len(out[b]) > 1:
+            out[a].append(out[b].pop())
+    return out
+
+
+def token_length_fns(tokenizer):
+    """Length in tokens of what each stage will actually feed the model (chat-rendered where it applies)."""
+
+    def chat_len(prompt: str, answer: str | None) -> int:
+        messages = [{"role": "user", "content": prompt}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=answer is None)
+        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    return {
+        "sft": lambda r: (chat_len(r["prompt"], r["response"]), "response"),
+        "preferences": lambda r: (max(chat_len(r["prompt"], r["chosen"]), chat_len(r["prompt"], r["rejected"])), "chosen"),
+        "prompts": lambda r: (chat_len(r["prompt"], None), "prompt"),
+    }
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: int, out: Path) -> dict:
+    """Validate everything first (so a bad record stops the stage before anything is written), then write."""
+    max_len = min(params.max_length, model_max_length)
+    lengths = token_length_fns(tokenizer)
+    ds = params.datasets
+    sets: dict[str, tuple[str, str]] = {"corpus": (ds.corpus, "corpus"), "preferences": (ds.preferences, "preferences"),
+                                        "prompts": (ds.prompts, "prompts")}
+    sets.update({f"sft/{task}": (path, "sft") for task, path in ds.sft.items()})
+
+    loaded: dict[str, tuple[list[dict], list[BadRecord]]] = {}
+    for name, (path, kind) in sets.items():
+        # the corpus is chunked into blocks by DAPT, so its documents have no length limit
+        fn = None if kind == "corpus" else lengths[kind]
+        loaded[name] = load_valid(path, kind, params.on_bad_record, fn, max_len)
+
+    report: dict = {"max_length": max_len, "on_bad_record": params.on_bad_record, "sets": {}}
+    for name, (records, dropped) in loaded.items():
+        parts = split_records(records, seed, params.validation_fraction)
+        for split, recs in parts.items():
+            write_jsonl(out / name / f"{split}.jsonl", recs)
+        report["sets"][name] = {
+            "source": sets[name][0],
+            "kept": len(records),
+            "train": len(parts["train"]),
+            "validation": len(parts["validation"]),
+            "dropped": len(dropped),
+            "dropped_by_reason": dict(Counter(_reason_kind(b) for b in dropped)),
+            "dropped_records": [str(b) for b in dropped[:50]],
+        }
+    report["total"] = {k: sum(s[k] for s in report["sets"].values()) for k in ("kept", "train", "validation", "dropped")}
+    return report
+
+
+def _reason_kind(b: BadRecord) -> str:
+    head = b.reason.split(" (")[0]
+    return f"{b.field}: {head}" if b.field else head

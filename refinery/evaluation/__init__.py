@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss/perplexity and generation, per-task SFT scores, text metrics."""

@@ -1,0 +1,61 @@
+"""Evaluation shared by the stages: token-weighted held-out loss, perplexity, sample generations."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from refinery.data.packing import IGNORE
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], batch_size: int, max_batches: int, collate) -> dict[str, float]:
+    """Mean NLL per predicted token over up to `max_batches` batches (weighted by tokens, not batches)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, min(len(rows), batch_size * max_batches), batch_size):
+        batch = collate(rows[i:i + batch_size])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        if n == 0:
+            continue
+        out = model(**batch, use_cache=False)
+        total += float(out.loss) * n
+        count += n
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool = True) -> list[str]:
+    """Greedy continuations (deterministic, so before/after comparisons are fair)."""
+    model.eval()
+    outs = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")
+        ids = {k: v.to(model.device) for k, v in ids.items()}
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy generation for already-rendered prompts, left-padded in batches."""
+    model.eval()
+    outs: list[str] = []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        outs.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+    return outs

@@ -1,0 +1,123 @@
+"""Load a stage's input model and save its output, whatever method produced or trains it.
+
+Output folder of a training stage (models/<stage>/):
+  * `full`, and mergeable methods (lora, qlora, ia3): a plain transformers folder (merged weights,
+    safetensors) that `AutoModelForCausalLM.from_pretrained` loads; mergeable methods also keep the
+    unmerged adapter in `adapter/` (load it with peft on top of the stage's input model).
+  * non-mergeable methods (adapter, prefix, prompt, ptuning, ptuning_v2): the adapter alone at the top
+    level, with `base_model_name_or_path` pointing at the input model folder (relative to the project
+    root), so `peft.AutoPeftModelForCausalLM.from_pretrained("models/sft")` loads it from the project root.
+Every folder also carries the tokenizer (with its chat template) and `refinery_manifest.json`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from refinery.modeling import bottleneck
+from refinery.errors import UserError
+from refinery.config import MethodParams
+from refinery.modeling.methods import REGISTRY, quantization_kwargs
+
+
+def model_kind(folder: str | Path) -> str:
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    if bottleneck.has_adapters(folder):
+        return "bottleneck"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return "full"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder does not exist (run the stage that produces it first)")
+    raise UserError(f"{folder}: not a model folder (no config.json with *.safetensors weights, and no adapter)")
+
+
+def full_weights_of(folder: str | Path) -> tuple[str, str | None]:
+    """The full-weights folder a scalar-head or RL stage starts from, and a note when it is not `folder`.
+
+    A non-mergeable output (prefix/prompt/ptuning/ptuning_v2/bottleneck) cannot be merged into weights, so
+    reward and PPO start from the weights it was trained on (its `base_model_name_or_path`, i.e. the stage
+    before it) and say so: the adapter conditions generation but is not carried into RL. This keeps
+    `dvc exp run -S params/sft.yaml:method=<any>` running end to end."""
+    kind = model_kind(folder)
+    if kind == "full":
+        return str(folder), None
+    name = "adapter_config.json" if kind == "peft" else bottleneck.CONFIG_NAME
+    base = read_json(Path(folder) / name).get("base_model_name_or_path")
+    if not base or model_kind(base) != "full":
+        raise UserError(f"{folder}: a '{kind}' adapter whose base ({base}) is not a full-weights folder")
+    return str(base), (f"{folder} holds a non-mergeable {kind} adapter; starting from its base weights {base} "
+                       "(the adapter is not carried into this stage)")
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise UserError(f"{folder}: tokenizer has no chat template")
+    return tok
+
+
+def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=torch.float32,
+                   method: MethodParams | None = None):
+    """A full model folder as a plain causal LM (the starting point of every training stage); in 4-bit
+    when `method` is qlora."""
+    kind = model_kind(folder)
+    if kind != "full":
+        raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
+                        "from full weights (see the chaining table in README.md)")
+    kwargs = {"dtype": dtype, **quantization_kwargs(method)}
+    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                **kwargs)
+
+
+def merge_into_full_precision(model, input_dir: str | Path, adapter_dir: Path):
+    """A QLoRA model's saved adapter merged into the *full-precision* input weights (merging into the 4-bit
+    base would bake its quantisation error into the output): the input reloaded in fp32 with the trained
+    config minus quantisation (so a reward model keeps num_labels/pad id), the adapter and its trained heads
+    loaded from `adapter_dir`, then merged."""
+    from peft import PeftModel
+
+    inner = model.get_base_model()
+    config = copy.deepcopy(inner.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    full = type(inner).from_pretrained(full_weights_of(input_dir)[0], config=config, dtype=torch.float32,
+                                       use_safetensors=True)
+    return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+
+
+def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path) -> None:
+    """Write the trained model into `out` as documented in this module's docstring."""
+    base_ref = str(input_dir)
+    m = REGISTRY[method]
+    if hasattr(model, "config"):
+        model.config.use_cache = True
+    if method == "full":
+        model.save_pretrained(out)
+    elif method == "adapter":
+        bottleneck.save_adapters(model, out, base_model_name_or_path=base_ref)
+    elif m.mergeable:
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(out / "adapter")
+        merged = (merge_into_full_precision(model, input_dir, out / "adapter") if method == "qlora"
+                  else model.merge_and_unload())
+        merged.save_pretrained(out)
+    else:
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,125 @@
+"""Hashes that tie an output to what made it: data, params, input model, tokenizer/chat template.
+
+Each stage output folder carries `refinery_manifest.json`; `python -m refinery.modeling.manifest verify <dir>`
+re-derives the output hash and says whether the folder is what its manifest claims.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "refinery_manifest.json"
+PACKAGES = ("torch", "transformers", "peft", "prefect", "mlflow", "dvc", "safetensors", "datasets")
+
+
+def hash_file(path: Path, h=None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_path(path: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
+    """sha256 over a file, or over a folder's relative names and contents (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return hash_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude):
+        h.update(str(f.relative_to(path)).encode())
+        hash_file(f, h)
+    return h.hexdigest()
+
+
+def hash_obj(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Vocabulary + special tokens + chat template: what SFT, reward and PPO must agree on."""
+    vocab = tokenizer.get_vocab()
+    payload = {
+        "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": tokenizer.chat_template or "",
+    }
+    return hash_obj(payload)[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_manifest(stage: str, out_dir: Path, *, params: dict, inputs: dict[str, str | Path],
+                   tokenizer_hash: str | None, seed: int | None) -> dict:
+    return {
+        "stage": stage,
+        "params_hash": hash_obj(params),
+        "inputs": {name: hash_path(p) for name, p in sorted(inputs.items())},
+        "tokenizer_hash": tokenizer_hash,
+        "seed": seed,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "output_hash": hash_path(out_dir),
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verify(folder: str | Path) -> tuple[bool, str]:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return False, f"{folder}: no {MANIFEST}"
+    actual = hash_path(folder)
+    if actual != manifest.get("output_hash"):
+        return False, f"{folder}: contents changed since the manifest was written ({actual[:12]} != {manifest.get('output_hash', '')[:12]})"
+    return True, f"{folder}: matches its manifest ({actual[:12]}, stage {manifest.get('stage')})"
+
+
+def check_same_tokenizer(tokenizer, folders: dict[str, str | Path]) -> str:
+    """Refuse inputs whose recorded tokenizer/chat-template hash differs from the tokenizer in use."""
+    from refinery.errors import UserError
+
+    mine = tokenizer_fingerprint(tokenizer)
+    for name, folder in folders.items():
+        recorded = (read_manifest(folder) or {}).get("tokenizer_hash")
+        if recorded is not None and recorded != mine:
+            raise UserError(f"{folder}: tokenizer/chat template differs from the one this stage uses "
+                            f"({recorded} != {mine}); the {name} model must come from the same tokenizer and "
+                            "template (rerun the upstream stages)")
+    return mine
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "verify":
+        print("usage: python -m refinery.modeling.manifest verify <folder>", file=sys.stderr)
+        raise SystemExit(2)
+    ok, msg = verify(sys.argv[2])
+    print(msg)
+    raise SystemExit(0 if ok else 1)

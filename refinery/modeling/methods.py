@@ -1,0 +1,149 @@
+"""The method registry shared by every training stage: how a method is applied, saved, loaded and merged.
+
+| method     | implementation                               | mergeable | packed batches |
+|------------|----------------------------------------------|-----------|----------------|
+| full       | all weights train                            | n/a       | yes            |
+| lora       | peft LoraConfig                              | yes       | yes            |
+| qlora      | 4-bit NF4 base (bitsandbytes, CUDA) + LoRA   | yes (into the full-precision base) | yes |
+| adapter    | refinery.modeling.bottleneck (ours: peft has none)       | no        | yes            |
+| ia3        | peft IA3Config                               | yes       | yes            |
+| prefix     | peft PrefixTuningConfig, with reparameterisation MLP | no | no (padded) |
+| ptuning_v2 | peft PrefixTuningConfig without the MLP (deep prompts at every layer) | no | no |
+| prompt     | peft PromptTuningConfig (virtual input tokens) | no      | no             |
+| ptuning    | peft PromptEncoderConfig (MLP/LSTM prompt encoder) | no  | no             |
+
+Virtual-token methods change the sequence the model sees, so padding-free packing (which relies on
+position_ids restarts) is not used with them: their batches are padded instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from refinery.config import MethodParams
+from refinery.errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    mergeable: bool
+    packing: bool
+    needs_cuda: bool = False
+    virtual_tokens: bool = False
+    # peft 0.21 cannot load a Trainer checkpoint of prefix tuning *with* its projection MLP on a GQA model
+    # (size mismatch on the prompt encoder): such a run restarts instead of resuming, and says so
+    resumable: bool = True
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in [
+    Method("full", mergeable=True, packing=True),
+    Method("lora", mergeable=True, packing=True),
+    Method("qlora", mergeable=True, packing=True, needs_cuda=True),
+    Method("adapter", mergeable=False, packing=True),
+    Method("ia3", mergeable=True, packing=True),
+    Method("prefix", mergeable=False, packing=False, virtual_tokens=True, resumable=False),
+    Method("ptuning_v2", mergeable=False, packing=False, virtual_tokens=True),
+    Method("prompt", mergeable=False, packing=False, virtual_tokens=True),
+    Method("ptuning", mergeable=False, packing=False, virtual_tokens=True),
+]}
+
+
+def get_method(params: MethodParams, source: str) -> Method:
+    """Validate the method for this machine before any training starts."""
+    method = REGISTRY[params.method]
+    if method.needs_cuda and not torch.cuda.is_available():
+        raise UserError(f"{source}: key 'method': '{method.name}' needs a CUDA GPU (4-bit bitsandbytes "
+                        "kernels); none is available here. Use 'lora' on this machine.")
+    if method.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{source}: key 'method': 'qlora' needs the bitsandbytes package, which is not installed "
+                        "(pip install 'bitsandbytes>=0.45' on the GPU machine)")
+    return method
+
+
+def quantization_kwargs(params: MethodParams | None) -> dict:
+    """from_pretrained kwargs that load the frozen base of a QLoRA run in 4-bit (NF4 by default, double
+    quantisation, bf16 compute) on this process's GPU (LOCAL_RANK under torchrun); {} for every other method."""
+    if params is None or params.method != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = params.qlora
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                                      bnb_4bit_use_double_quant=q.double_quant,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}, "dtype": torch.bfloat16}
+
+
+# Scalar-head (reward, value) and RL stages: merged-weight methods only. Virtual-token methods shift token
+# positions (values and KL must line up with response tokens) and bottleneck adapters would leave the head
+# unsaved in a non-mergeable folder; both are refused at validation for these stages.
+SCALAR_STAGE_METHODS = ("full", "lora", "qlora", "ia3")
+
+
+def check_stage_method(params: MethodParams, stage: str, source: str) -> Method:
+    method = get_method(params, source)
+    if stage in ("reward", "ppo") and method.name not in SCALAR_STAGE_METHODS:
+        raise UserError(f"{source}: key 'method': '{method.name}' is not supported in stage '{stage}' "
+                        f"(supported: {', '.join(SCALAR_STAGE_METHODS)}); see the chaining table in README.md")
+    return method
+
+
+def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None = None):
+    """The peft config for a peft-backed method; None for `full` and `adapter`."""
+    import peft
+
+    name, a = params.method, params.method_args
+    if name in ("lora", "qlora"):
+        return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                               target_modules=list(a.target_modules), task_type=task_type)
+    if name == "ia3":
+        return peft.IA3Config(target_modules=list(a.target_modules),
+                              feedforward_modules=list(a.feedforward_modules), task_type=task_type)
+    if name == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, prefix_projection=True,
+                                       encoder_hidden_size=a.encoder_hidden_size, task_type=task_type)
+    if name == "ptuning_v2":
+        return peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, prefix_projection=False,
+                                       task_type=task_type)
+    if name == "prompt":
+        init = {"prompt_tuning_init": "RANDOM"}
+        if a.init_text:
+            init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": a.init_text,
+                    "tokenizer_name_or_path": tokenizer_path}
+        return peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type, **init)
+    if name == "ptuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=a.num_virtual_tokens,
+                                        encoder_hidden_size=a.encoder_hidden_size,
+                                        encoder_reparameterization_type=a.encoder_type, task_type=task_type)
+    return None
+
+
+def apply_method(model, params: MethodParams, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None,
+                 seed: int = 0):
+    """Make only the method's parameters trainable; return the model to train. New weights (LoRA A, adapters,
+    prompts) are initialised from `seed`, not from whatever the RNG saw before, so reruns start identically."""
+    torch.manual_seed(seed)
+    name = params.method
+    if name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if name == "adapter":
+        from refinery.modeling import bottleneck
+
+        return bottleneck.add_adapters(model, params.adapter)
+    import peft
+
+    if name == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return peft.get_peft_model(model, peft_config(params, task_type, tokenizer_path))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

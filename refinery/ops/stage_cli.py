@@ -1,0 +1,191 @@
+"""What every stage flow shares: the run name, the checkpoint key, the CLI wrapper, the summary text."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from refinery.errors import UserError
+from refinery.modeling.manifest import git_commit, hash_obj
+
+BAD_INPUT = "BadInput"
+
+
+def run_name(stage: str, method: str | None = None) -> str:
+    sha = (git_commit() or "nogit")[:7]
+    return "-".join(p for p in (stage, method, sha) if p)
+
+
+def flow_run_namer(stage: str):
+    """A Prefect `flow_run_name` callable: `<stage>-<method>-<git sha>`, the method read from the run's
+    overrides or from params/<stage>.yaml, so the UI says what ran."""
+
+    def name() -> str:
+        import yaml
+        from prefect.runtime import flow_run
+
+        args = flow_run.parameters or {}
+        method = (args.get("overrides") or {}).get("method")
+        if method is None:
+            path = Path(args.get("params_dir", "params")) / f"{stage}.yaml"
+            try:
+                method = (yaml.safe_load(path.read_text()) or {}).get("method")
+            except (OSError, yaml.YAMLError):
+                method = None
+        return run_name(args.get("stage") or stage, method)
+
+    return name
+
+
+def checkpoint_dir(stage: str, *parts) -> Path:
+    """checkpoints/<stage>/<hash of params + input hashes>: outside DVC outs, so `dvc repro` can't delete it,
+    and keyed so that changed params or inputs never resume a stale run."""
+    return Path("checkpoints") / stage / hash_obj(parts)[:16]
+
+
+def refuse(exc: UserError):
+    """A flow's answer to bad input: a Failed state without a traceback; `run_cli` prints it on one line."""
+    from prefect.states import Failed
+
+    return Failed(message=str(exc), name=BAD_INPUT)
+
+
+def cli_kwargs(argv: list[str] | None = None) -> dict:
+    """`--set training.lr=0.001 --set method=ia3 --out-dir x` -> {"overrides": {...}, "out_dir": "x"}.
+    Values after `=` are parsed as YAML (numbers, booleans, lists)."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description="Run this stage as a Prefect flow (params from params/).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of this stage's params file (dotted), e.g. training.lr=0.001")
+    for name in ("params-dir", "input-dir", "data-dir", "out-dir", "stage", "record-root"):
+        parser.add_argument(f"--{name}")
+    args = parser.parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k != "set" and v is not None}
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        kwargs["overrides"] = overrides
+    return kwargs
+
+
+@contextlib.contextmanager
+def prefect_api_or_local():
+    """A configured Prefect API that does not answer must not stop a stage run from the CLI: warn and run
+    with a temporary local API instead (the run then shows in that API, not the configured one)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    if url is None or _answers(f"{str(url).rstrip('/')}/health"):
+        yield
+        return
+    print(f"warning: Prefect API {url} is unreachable; running this stage with a temporary local Prefect API",
+          file=sys.stderr)
+    from refinery.ops.prefect_link import ENV
+
+    os.environ.pop(ENV, None)  # a flow run in the unreachable API cannot be ours
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
+def _answers(url: str, timeout: float = 5.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status < 500
+    except Exception:
+        return False
+
+
+def run_cli(flow_fn, precheck=None, **kwargs) -> None:
+    """`python -m flows.<stage>`: run the flow; bad input -> `error: ...` and exit 2, a crash -> exit 1.
+
+    `precheck` (params validation) runs before the flow, so bad params fail in a second, not after
+    Prefect's API has started."""
+    logging.getLogger("refinery").setLevel(logging.INFO)
+    try:
+        if precheck is not None:
+            precheck()
+        from refinery.ops.prefect_link import run_flow_as_linked
+
+        with prefect_api_or_local():
+            state = run_flow_as_linked(flow_fn, **kwargs)
+    except UserError as exc:  # raised before the flow started (e.g. parameter validation)
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if state.name == BAD_INPUT:
+        print(f"error: {state.message}", file=sys.stderr)
+        raise SystemExit(2)
+    if state.is_failed() or state.is_crashed():
+        print(f"error: stage failed: {state.message}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def summary_markdown(stage: str, title: str, lines: dict[str, object], run_url: str, out_dir: str) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in lines.items())
+    return (f"# {stage}: {title}\n\nOutput: `{out_dir}`  \nMLflow: {run_url}\n\n| | |\n|---|---|\n{rows}\n")
+
+
+def stage_main(flow_fn, stage: str | None, worker=None):
+    """The `python -m flows.<stage>` entry point: parse `--set`/`--*-dir` options (refusing ones this flow
+    does not take), validate params (and the method, where the stage has one) before the flow starts.
+
+    `worker` is what a non-zero rank of a multi-process run does (refinery/ops/distributed.py); a stage without
+    one refuses to run on several processes."""
+    import inspect
+
+    from refinery.config import load_params
+    from refinery.ops.distributed import is_worker_rank, relaunch, world_size
+    from refinery.errors import exit_on_user_error
+    from refinery.modeling.methods import check_stage_method
+
+    name = stage or flow_fn.name
+
+    @exit_on_user_error
+    def main(argv: list[str] | None = None) -> None:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        kwargs = cli_kwargs(argv)
+        accepted = inspect.signature(flow_fn.fn).parameters
+        for key in kwargs:
+            if key not in accepted:
+                raise UserError(f"{'--set' if key == 'overrides' else '--' + key.replace('_', '-')}: "
+                                f"not an option of stage '{name}'")
+        if is_worker_rank() and worker is not None:
+            worker(**kwargs)
+            return
+        pdir = kwargs.get("params_dir", "params")
+
+        def precheck():
+            load_params("base", pdir)
+            training = None
+            if stage is not None:
+                cfg = load_params(stage, pdir, kwargs.get("overrides"))
+                if hasattr(cfg, "method"):
+                    check_stage_method(cfg, stage, f"{pdir}/{stage}.yaml")
+                training = getattr(cfg, "training", None)
+            nproc, launcher = (training.nproc_per_node, training.accelerate_config) if training else (1, None)
+            if worker is None and (nproc > 1 or launcher or world_size() > 1):
+                raise UserError(f"stage '{name}' runs in one process (several processes: dapt, sft and reward)")
+            relaunch(_main_module(flow_fn), argv, nproc, launcher)
+
+        run_cli(flow_fn, precheck=precheck, **kwargs)
+
+    return main
+
+
+def _main_module(flow_fn) -> str:
+    """`flows.sft` when run as `python -m flows.sft` (whose module is then `__main__`)."""
+    module = flow_fn.fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module

@@ -1,0 +1,266 @@
+"""The PPO loop: rollout -> score -> per-token KL penalty -> GAE -> several clipped epochs over mini-batches.
+
+Resumable: every `save_steps` a checkpoint (trainable policy and value weights as safetensors, optimiser
+states, KL controller, score normaliser, prompt-order and torch RNG states, metric history) is written to a
+temporary folder and renamed into place, the last `keep_checkpoints` kept. A rerun continues from the next
+step: no step is repeated or lost.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from refinery.config import PPOParams
+from refinery.rlhf.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae_advantages,
+    kl_per_token,
+    make_kl_controller,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+)
+from refinery.rlhf.rollout import Rollout, policy_stats, sample, values
+
+RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, rollout) -> raw scores [B]
+
+
+class RunningMoments:
+    """Running mean/std of reward scores (Welford), for score normalisation across steps."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs: torch.Tensor) -> None:
+        for x in xs.tolist():
+            self.n += 1
+            d = x - self.mean
+            self.mean += d / self.n
+            self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.n, self.mean, self.m2 = s["n"], s["mean"], s["m2"]
+
+
+@dataclass
+class PPOState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint does not match the model (e.g. '{missing[0]}')")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOParams, policy, value_model, reward_fn: RewardFn, prompts: list[list[int]],
+                 tokenizer, ckpt_dir: Path, seed: int, ref_model=None, record=None, progress=None,
+                 on_step: Callable[[int, dict, Rollout], None] | None = None):
+        self.cfg, self.policy, self.value_model, self.reward_fn = cfg, policy, value_model, reward_fn
+        self.prompts, self.tokenizer, self.ckpt_dir = prompts, tokenizer, Path(ckpt_dir)
+        self.ref_model, self.record, self.progress, self.on_step = ref_model, record, progress, on_step
+        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.kl_ctl = make_kl_controller(cfg.kl_controller, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.moments = RunningMoments()
+        self.opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+        self.opt_value = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr)
+        self.order_rng = random.Random(seed)
+        torch.manual_seed(seed)
+        self.state = PPOState()
+        self._order: list[int] = []
+
+    # ---- the reference policy: the adapter switched off (weights held once), or a frozen copy ------
+    def ref_logprobs(self, r: Rollout) -> torch.Tensor:
+        if self.ref_model is not None:
+            return policy_stats(self.ref_model, r, self.cfg.temperature)[0]
+        with self.policy.disable_adapter():
+            return policy_stats(self.policy, r, self.cfg.temperature)[0]
+
+    def next_prompts(self) -> list[int]:
+        out = []
+        while len(out) < self.cfg.batch_size:
+            if not self._order:
+                self._order = self.order_rng.sample(range(len(self.prompts)), len(self.prompts))
+            out.append(self._order.pop())
+        return out
+
+    def shape_scores(self, raw: torch.Tensor, r: Rollout) -> torch.Tensor:
+        scores = raw.clone()
+        if self.cfg.missing_eos_penalty is not None:
+            scores = scores - self.cfg.missing_eos_penalty * (~r.has_eos).float()
+        if self.cfg.normalize_scores:
+            self.moments.update(scores)
+            scores = (scores - self.moments.mean) / max(self.moments.std, 1e-6)
+        if self.cfg.reward_clip is not None:
+            scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        return scores
+
+    # ---- one PPO step ------------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        idx = self.next_prompts()
+        r = sample(self.policy, [self.prompts[i] for i in idx], self.pad, self.eos, cfg.max_new_tokens,
+                   cfg.temperature, cfg.top_k, cfg.top_p)
+        mask = r.response_mask.float()
+        with torch.no_grad():
+            old_logprobs, _ = policy_stats(self.policy, r, cfg.temperature)
+            ref_logprobs = self.ref_logprobs(r)
+            old_values = values(self.value_model, r)
+            raw = self.reward_fn(idx, r).float()
+        scores = self.shape_scores(raw, r)
+        kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
+        rewards, non_score = per_token_rewards(scores, kl, self.kl_ctl.value, mask)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        adv, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mask)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
+                                                         "value_clip_fraction", "approx_kl", "entropy")}
+        self.policy.train()
+        self.value_model.train()
+        n = len(idx)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n)
+            for start in range(0, n, cfg.mini_batch_size):
+                mb = perm[start:start + cfg.mini_batch_size]
+                sub, m = r.select(mb), mask[mb]
+                logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
+                vpred = values(self.value_model, sub)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
+                                                                   cfg.clip_range)
+                vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
+                                                          cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                self.opt_policy.zero_grad()
+                self.opt_value.zero_grad()
+                loss.backward()
+                for opt in (self.opt_policy, self.opt_value):
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                   cfg.max_grad_norm)
+                    opt.step()
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clipfrac),
+                             ("value_clip_fraction", vf_clipfrac), ("approx_kl", approx_kl),
+                             ("entropy", masked_mean(entropy, m))):
+                    stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        seq_kl = float((kl * mask).sum(-1).mean())
+        self.kl_ctl.update(seq_kl, n)
+        seconds = time.perf_counter() - t0
+        generated = int(mask.sum())
+        metrics = {
+            "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if n > 1 else 0.0,
+            "score_shaped_mean": float(scores.mean()), "kl": seq_kl, "kl_coef": float(self.kl_ctl.value),
+            "non_score_reward": float((non_score * mask).sum(-1).mean()),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": float(mask.sum(-1).mean()), "eos_fraction": float(r.has_eos.float().mean()),
+            "episodes_per_second": n / seconds, "tokens_per_second": generated / seconds, "seconds": seconds,
+        }
+        self.state.step += 1
+        metrics["step"] = self.state.step
+        self.state.history.append(metrics)
+        if self.record is not None:
+            self.record.log_step(self.state.step, metrics)
+        if self.on_step is not None:
+            self.on_step(self.state.step, metrics, r)
+        return metrics
+
+    def train(self) -> PPOState:
+        from tqdm.auto import tqdm
+
+        self.resume()
+        bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="ppo", unit="step")
+        while self.state.step < self.cfg.steps:
+            m = self.step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}")
+            if self.progress is not None:
+                self.progress(self.state.step, self.cfg.steps)
+            if self.state.step % self.cfg.save_steps == 0 or self.state.step == self.cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.state
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"step-{self.state.step}"
+        tmp = self.ckpt_dir / f".tmp-step-{self.state.step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(trainable_state(self.policy), tmp / "policy.safetensors")
+        save_file(trainable_state(self.value_model), tmp / "value.safetensors")
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        torch.save({"policy": self.opt_policy.state_dict(), "value": self.opt_value.state_dict()}, tmp / "optim.pt")
+        state = {"step": self.state.step, "history": self.state.history, "kl_controller": self.kl_ctl.state_dict(),
+                 "moments": self.moments.state_dict(), "order": self._order,
+                 "order_rng": _rng_to_json(self.order_rng.getstate())}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the checkpoint exists only once complete
+        for old in sorted(self._checkpoints())[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old[1], ignore_errors=True)
+        return final
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return [(int(p.name.split("-")[1]), p) for p in self.ckpt_dir.iterdir()
+                if p.name.startswith("step-") and (p / "state.json").is_file()]
+
+    def resume(self) -> int | None:
+        found = sorted(self._checkpoints())
+        if not found:
+            return None
+        step, path = found[-1]
+        load_trainable_state(self.policy, load_file(path / "policy.safetensors"))
+        load_trainable_state(self.value_model, load_file(path / "value.safetensors"))
+        optim = torch.load(path / "optim.pt", weights_only=True)  # our own file; tensors and plain types only
+        self.opt_policy.load_state_dict(optim["policy"])
+        self.opt_value.load_state_dict(optim["value"])
+        torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
+        state = json.loads((path / "state.json").read_text())
+        self.state = PPOState(step=state["step"], history=state["history"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["moments"])
+        self._order = state["order"]
+        self.order_rng.setstate(_rng_from_json(state["order_rng"]))
+        self.resumed_from = step
+        return step
+
+
+def _rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return version, tuple(internal), gauss

@@ -1,0 +1,90 @@
+"""PPO rollouts: sample responses, and the per-token log-probs / values aligned with them.
+
+Layout of a rollout batch: prompts left-padded to width P, responses right-padded to width R, so
+`sequences` is [B, P+R] and response token j sits at column P+j. Everything per-token is [B, R]:
+`logprobs[:, j] = log π(token_{P+j} | tokens_<P+j)` comes from the logits at column P+j-1, and the
+value of the state before token P+j comes from the hidden state at the same column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor       # [B, P+R]
+    attention_mask: torch.Tensor  # [B, P+R]
+    response_mask: torch.Tensor   # [B, R] 1 on response tokens up to and including the first EOS
+    prompt_width: int
+    has_eos: torch.Tensor         # [B] bool
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_width:]
+
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_width,
+                       self.has_eos[idx])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(policy, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float,
+           top_k: int, top_p: float, greedy: bool = False) -> Rollout:
+    ids, mask = left_pad(prompts, pad_id)
+    device = next(policy.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    policy.eval()
+    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+                                                   "top_k": top_k or None, "top_p": top_p}
+    out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                          eos_token_id=eos_id, **kwargs)
+    width = ids.shape[1]
+    resp = out[:, width:]
+    if resp.shape[1] == 0:
+        resp = torch.full((out.shape[0], 1), eos_id, device=device)
+        out = torch.cat([out, resp], 1)
+    is_eos = resp == eos_id
+    has_eos = is_eos.any(-1)
+    first_eos = torch.where(has_eos, is_eos.float().argmax(-1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
+    cols = torch.arange(resp.shape[1], device=device)
+    response_mask = (cols[None, :] <= first_eos[:, None]).long()
+    attention = torch.cat([mask, response_mask], 1)
+    seq = out.clone()
+    seq[:, width:][response_mask == 0] = pad_id
+    return Rollout(seq, attention, response_mask, width, has_eos)
+
+
+def response_logits(model, r: Rollout) -> torch.Tensor:
+    """Logits that predict each response token: columns P-1 .. P+R-2, shape [B, R, V]."""
+    out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
+                use_cache=False)
+    return out.logits[:, r.prompt_width - 1:-1]
+
+
+def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the sampled tokens, entropy) under `model`, [B, R] each; logits scaled by the sampling
+    temperature so that the old and new policies are the distribution the tokens were drawn from."""
+    logits = response_logits(model, r) / temperature
+    return logprobs_from_logits(logits, r.responses), entropy_from_logits(logits)
+
+
+def values(value_model, r: Rollout) -> torch.Tensor:
+    """Per-token values from the value model's backbone + scalar head (the reward model's architecture)."""
+    inner = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    hidden = inner.model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
+                         use_cache=False).last_hidden_state
+    return inner.score(hidden[:, r.prompt_width - 1:-1]).squeeze(-1).float()

@@ -1,0 +1,105 @@
+"""Reward model: a scalar head on the SFT model (LlamaForSequenceClassification, num_labels=1), trained
+with the Bradley-Terry loss on preference pairs. The same head scores PPO's responses and initialises
+PPO's value model (as InstructGPT and DeepSpeed-Chat do).
+
+The text scored is the chat-rendered conversation (user prompt + assistant answer, end-of-turn
+included); the head reads the last non-padding token. Plain `transformers` loads and scores it:
+    AutoModelForSequenceClassification.from_pretrained("models/reward")(**tok(text)).logits[0, 0]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, Trainer
+
+from refinery.modeling.methods import quantization_kwargs
+from refinery.data.sft_examples import chat_ids
+
+
+def render(tokenizer, prompt: str, answer: str, max_length: int) -> list[int]:
+    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    return ids[-max_length:]  # keep the answer end: the head reads the last token
+
+
+def pair_rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    return [{"chosen": render(tokenizer, r["prompt"], r["chosen"], max_length),
+             "rejected": render(tokenizer, r["prompt"], r["rejected"], max_length),
+             "task": r.get("task", "")} for r in records]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    return {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
+
+
+class PairCollator:
+    """Chosen answers first, then rejected ones, in one padded batch of 2B rows."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        return pad_batch([f["chosen"] for f in features] + [f["rejected"] for f in features], self.pad_id)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+class BradleyTerryTrainer(Trainer):
+    def __init__(self, *args, margin: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margin = margin
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.squeeze(-1)
+        r_chosen, r_rejected = rewards.chunk(2)
+        loss = bradley_terry_loss(r_chosen, r_rejected, self.margin)
+        return (loss, {"rewards": rewards}) if return_outputs else loss
+
+
+def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None):
+    """A scalar-head model on the SFT weights (4-bit base when `method` is qlora); the new head seeded."""
+    torch.manual_seed(seed)  # the new head's init
+    kwargs = {"dtype": torch.float32, **quantization_kwargs(method)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        sft_dir, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+@torch.no_grad()
+def score(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
+    model.eval()
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        batch = {k: v.to(model.device) for k, v in pad_batch(seqs[i:i + batch_size], pad_id).items()}
+        out += model(**batch).logits[:, 0].float().tolist()
+    return out
+
+
+def evaluate_pairs(model, rows: list[dict], pad_id: int, batch_size: int, buckets: int) -> dict:
+    """Accuracy, mean margin, accuracy per task, and calibration: accuracy by |margin| quantile bucket
+    (a calibrated model is more often right when it is more confident)."""
+    rc = score(model, [r["chosen"] for r in rows], pad_id, batch_size)
+    rr = score(model, [r["rejected"] for r in rows], pad_id, batch_size)
+    margins = [c - r for c, r in zip(rc, rr)]
+    correct = [m > 0 for m in margins]
+    order = sorted(range(len(margins)), key=lambda i: abs(margins[i]))
+    size = math.ceil(len(order) / buckets)
+    calibration = []
+    for b in range(buckets):
+        idx = order[b * size:(b + 1) * size]
+        if idx:
+            calibration.append({"bucket": b, "abs_margin_min": round(abs(margins[idx[0]]), 4),
+                                "abs_margin_max": round(abs(margins[idx[-1]]), 4), "n": len(idx),
+                                "accuracy": sum(correct[i] for i in idx) / len(idx)})
+    by_task: dict[str, list[bool]] = {}
+    for r, c in zip(rows, correct):
+        by_task.setdefault(r["task"] or "all", []).append(c)
+    return {"accuracy": sum(correct) / len(correct), "margin": sum(margins) / len(margins),
+            "n": len(rows), "calibration": calibration,
+            "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}

@@ -1,0 +1,147 @@
+"""The training loop shared by the supervised stages: transformers' Trainer, driven by our params.
+
+Trainer gives us gradient accumulation, schedulers, DDP/FSDP/DeepSpeed under torchrun/accelerate,
+and resumable checkpoints (optimizer, scheduler, RNG, data position). We add: checkpoints keyed by
+the stage's inputs (outside DVC outs, which DVC deletes before a run), resume from the last *complete*
+checkpoint, and per-step metrics (loss, lr, grad norm, tokens/s) into the stage's StageRecord.
+"""
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from refinery.config import TrainingArgs
+
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """Trainer writes trainer_state.json last: a checkpoint without it was cut off mid-save and is removed."""
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT.match(p.name)))
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer_state.json of a checkpoint (step reached, tokens seen, log history)."""
+    import json
+
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB, whole process
+
+
+class RecordCallback(TrainerCallback):
+    """Per-step metrics to MLflow (via StageRecord) and to an optional progress reporter."""
+
+    def __init__(self, record, progress=None):
+        self.record, self.progress = record, progress
+        self._t = self._tokens = None
+        self.rates: dict[int, float] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        row = {"loss": logs["loss"], "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               "tokens_per_second": (tokens - self._tokens) / max(now - self._t, 1e-9)}
+        self._t, self._tokens = now, tokens
+        self.rates[state.global_step] = row["tokens_per_second"]
+        if self.record is not None:
+            self.record.log_step(state.global_step, {k: v for k, v in row.items() if v is not None})
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.progress is not None:
+            self.progress(state.global_step, state.max_steps)
+
+
+class QuietProgress(ProgressCallback):
+    """The progress bar, with loss and lr on it instead of a printed dict per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    seconds: float
+    tokens: int
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from: int | None
+    history: list[dict] = field(default_factory=list)
+
+
+def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tokens: str = "all",
+                       **extra) -> TrainingArguments:
+    """count_tokens: "all" for packed rows (no padding to skip), "non_padding" for padded batches."""
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=targs.max_steps,
+        per_device_train_batch_size=targs.batch_size, gradient_accumulation_steps=targs.grad_accum,
+        learning_rate=targs.lr, weight_decay=targs.weight_decay, warmup_steps=targs.warmup_ratio,
+        lr_scheduler_type=targs.scheduler, max_grad_norm=targs.max_grad_norm,
+        logging_steps=1, save_strategy="steps", save_steps=targs.save_steps,
+        save_total_limit=targs.keep_checkpoints, seed=seed, data_seed=seed, report_to="none",
+        bf16=targs.precision == "bf16", fp16=targs.precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False, include_num_input_tokens_seen=count_tokens,
+        activation_checkpointing=targs.gradient_checkpointing, disable_tqdm=False, **extra,
+    )
+
+
+def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: Path, seed: int,
+                record=None, progress=None, trainer_cls=Trainer, count_tokens: str = "all",
+                callbacks: list | None = None, resumable: bool = True, **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
+    """Train to `targs.max_steps`, resuming from the last complete checkpoint in `ckpt_dir` if any."""
+    if not resumable and ckpt_dir.exists():
+        print(f"warning: this method's checkpoints cannot be resumed; starting over (removing {ckpt_dir})")
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(ckpt_dir)
+    if hasattr(model, "config"):
+        model.config.use_cache = False  # a KV cache disables the packed-sequence mask, and training needs none
+    callback = RecordCallback(record, progress)
+    trainer = trainer_cls(model=model, args=training_arguments(targs, ckpt_dir, seed, count_tokens), train_dataset=train_dataset,
+                          data_collator=collator, callbacks=[callback, *(callbacks or [])], **trainer_kwargs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    resumed = checkpoint_state(resume) if resume is not None else {}
+    start_tokens = resumed.get("num_input_tokens_seen", 0)
+    t0 = time.perf_counter()
+    if resumed.get("global_step", 0) >= targs.max_steps:
+        # killed after its last checkpoint: training is done, only the weights are needed (Trainer would run
+        # one step past max_steps if asked to resume from the final checkpoint)
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    tokens = trainer.state.num_input_tokens_seen - start_tokens
+    history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm"),
+                "tokens_per_second": callback.rates.get(h["step"])} for h in trainer.state.log_history if "loss" in h]
+    return TrainSummary(steps=trainer.state.global_step, seconds=seconds, tokens=int(tokens),
+                        tokens_per_second=tokens / max(seconds, 1e-9), peak_memory_mb=peak_memory_mb(),
+                        resumed_from=int(resume.name.split("-")[1]) if resume else None, history=history), trainer

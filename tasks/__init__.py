@@ -1,1 +1,0 @@
-"""Prefect tasks and the logic under them: data, modelling, training loops, evaluation, tracking."""
