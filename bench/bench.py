@@ -228,7 +228,7 @@ def lora_params(dropout: float):
 def sft_data(tokenizer, data_dir: Path, steps: int):
     """Our packed rows (exactly steps*batch, as flows/sft.py builds them) and the raw records they hold, in order."""
     from refinery.config import load_params
-    from refinery.data.sft_examples import build_train_rows, load_task, mixture_probs, render_example, sample_mixture
+    from refinery.data.mixture import build_train_rows, load_task, mixture_probs, render_example, sample_mixture
 
     cfg = load_params("sft")  # the task list and mixture come from params/sft.yaml; hyper-parameters are fixed here
     records = {t: load_task(data_dir / "sft", t, "train") for t in cfg.tasks}

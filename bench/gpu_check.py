@@ -35,7 +35,7 @@ from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_outpu
 from refinery.data.packing import PadCollator  # noqa: E402
 from refinery.data.records import read_jsonl  # noqa: E402
 from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows, score  # noqa: E402
-from refinery.data.sft_examples import chat_ids, render_example  # noqa: E402
+from refinery.data.chat import chat_ids, render_example  # noqa: E402
 from refinery.train.trainer import run_trainer  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.0)

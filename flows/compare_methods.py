@@ -8,20 +8,17 @@ parent run with a child run per method; a Prefect table artifact.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
-import sys
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from refinery.ops.prefect_artifacts import publish_summary
-from refinery.atomic import atomic_write_text
 from refinery.config import load_params
 from refinery.errors import UserError
-from refinery.ops.prefect_link import fan_out_runner, run_child_flow
+from refinery.ops.prefect_link import fan_out_runner
+from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import refuse, run_name, stage_main
 from refinery.ops.tracking import StageRecord
 
@@ -32,18 +29,11 @@ COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", 
 @task(cache_policy=NO_CACHE, task_run_name="sft-{method}", retries=0)
 def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out: str, overrides: dict,
                env: dict) -> dict:
-    folder = Path(out) / method
-    args = [sys.executable, "-m", "flows.sft", "--params-dir", params_dir, "--input-dir", input_dir,
-            "--data-dir", data_dir, "--out-dir", str(folder / "model"), "--stage", f"compare-{method.replace('_', '-')}",
-            "--record-root", str(folder), "--set", f"method={method}"]
-    for k, v in overrides.items():
-        args += ["--set", f"{k}={json.dumps(v)}"]
-    proc = run_child_flow("sft", args, env, folder / "log.txt")  # a subflow of this task in the UI
-    metrics_file = folder / "metrics" / f"compare-{method.replace('_', '-')}.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"method": method, "status": f"failed: {last[:200]}"}
-    m = json.loads(metrics_file.read_text())
+    stage = f"compare-{method.replace('_', '-')}"
+    m, status = run_sft_point(Path(out) / method, {"method": method, **overrides}, env, params_dir, stage=stage,
+                              extra_args=("--input-dir", input_dir, "--data-dir", data_dir))
+    if m is None:
+        return {"method": method, "status": status}
     tasks_after = m["after"]["tasks"].values()
     return {"method": method, **{k: m["train"][k] for k in ("trainable_params", "trainable_percent", "peak_memory_mb",
                                                             "seconds_per_step", "tokens_per_second")},
@@ -53,19 +43,9 @@ def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out:
             "status": "ok"}
 
 
-def write_table(rows: list[dict], out: Path) -> str:
-    with open(out / "methods.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |\n" for r in rows)
-    md = ("# Method comparison (same SFT data, steps and seed)\n\n" + head + body +
-          "\n`trainable_percent` = trainable / all parameters; `score` = mean held-out task metric after SFT "
+FOOTER = ("`trainable_percent` = trainable / all parameters; `score` = mean held-out task metric after SFT "
           "(`score_before`: the input model); `peak_memory_mb` = peak RSS of the method's process (CPU) or "
-          "peak CUDA memory allocated (GPU).\n")
-    atomic_write_text(out / "methods.md", md)
-    return md
+          "peak CUDA memory allocated (GPU).")
 
 
 def plot_quality(rows: list[dict], path: Path) -> Path | None:
@@ -113,7 +93,8 @@ def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", dat
                 "overrides": {**base_overrides, **({"training.lr": cfg.lr[m]} if m in cfg.lr else {})}, "env": env})
                 for m in cfg.methods]
             rows = [f.result() for f in futures]
-        md = write_table(rows, out)
+        md = write_table(rows, list(COLUMNS), out, "methods", "Method comparison (same SFT data, steps and seed)",
+                         FOOTER)
         png = plot_quality(rows, out / "quality_vs_trainable.png")
         rec.write_metrics({"methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows}})
         for f in (out / "methods.md", out / "methods.csv", png):

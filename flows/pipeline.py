@@ -25,7 +25,7 @@ from prefect.states import Completed
 
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.atomic import atomic_write_json
-from refinery.config import load_params
+from refinery.config import load_params, set_dotted
 from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.errors import UserError, exit_on_user_error
 from refinery.ops.prefect_link import child_env, close_unfinished
@@ -59,12 +59,7 @@ def apply_overrides(overrides: dict[str, dict], params_dir: str = "params") -> N
             raise UserError(f"{path}: no params file for stage '{stage}'")
         load_params(stage, params_dir, values)  # refuse bad values before writing
         data = rt.load(path.read_text())
-        for dotted, value in values.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+        set_dotted(data, values, path)
         with open(path, "w") as fh:
             rt.dump(data, fh)
 

@@ -23,7 +23,7 @@ from refinery.modeling.loading import full_weights_of, load_causal_lm, load_toke
 from refinery.rlhf.policy_eval import decode_responses, evaluate_policy, rm_scores
 from refinery.rlhf.ppo_trainer import PPOTrainer
 from refinery.data.records import read_jsonl
-from refinery.data.sft_examples import chat_ids
+from refinery.data.chat import prompt_ids
 from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
@@ -83,7 +83,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     params = {"base": base.model_dump(), "ppo": cfg.model_dump()}
     inputs = {"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir)}
     input_hashes = {k: hash_path(v) for k, v in inputs.items()}
-    render = lambda recs: [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+    render = lambda recs: [prompt_ids(tokenizer, r["prompt"])
                            for r in recs]
     train_prompts, val_prompts = render(train_records), render(val_records)
     keep = [i for i, p in enumerate(train_prompts) if len(p) <= cfg.max_prompt_tokens]

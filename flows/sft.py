@@ -13,7 +13,8 @@ from refinery.errors import UserError
 from refinery.modeling.manifest import hash_obj, hash_path
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
 from refinery.data.packing import PadCollator
-from refinery.data.sft_examples import build_train_rows, load_task, mixture_probs, render_example
+from refinery.data.chat import render_example
+from refinery.data.mixture import build_train_rows, load_task, mixture_probs
 from refinery.evaluation.sft_tasks import evaluate_tasks
 from refinery.ops.stage_cli import (
     checkpoint_dir,

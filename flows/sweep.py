@@ -12,9 +12,7 @@ checkpoints (checkpoints/ is keyed by params and inputs), so a rerun of a sweep 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,11 +22,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from refinery.ops.prefect_artifacts import publish_summary
-from refinery.atomic import atomic_write_text
 from refinery.config import load_params
 from refinery.errors import UserError, exit_on_user_error
 from refinery.modeling.methods import check_stage_method
-from refinery.ops.prefect_link import fan_out_runner, run_child_flow
+from refinery.ops.prefect_link import fan_out_runner
+from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import refuse, run_cli, run_name
 from refinery.ops.tracking import StageRecord
 
@@ -44,32 +42,12 @@ def point_name(point: dict) -> str:
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}", retries=0)
 def run_point(name: str, point: dict, params_dir: str, out: str, env: dict) -> dict:
-    folder = Path(out) / name
-    cmd = [sys.executable, "-m", "flows.sft", "--params-dir", params_dir, "--out-dir", str(folder / "model"),
-           "--record-root", str(folder)]
-    for k, v in point.items():
-        cmd += ["--set", f"{k}={json.dumps(v)}"]
-    proc = run_child_flow("sft", cmd, env, folder / "log.txt")
-    metrics_file = folder / "metrics" / "sft.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"point": name, **point, "status": f"failed: {last[:200]}"}
-    m = json.loads(metrics_file.read_text())
+    m, status = run_sft_point(Path(out) / name, point, env, params_dir)
+    if m is None:
+        return {"point": name, **point, "status": status}
     return {"point": name, **point, "score": round(m["after"]["mean_score"], 4),
             "final_loss": m["train"]["final_loss"], "tokens_per_second": m["train"]["tokens_per_second"],
             "peak_memory_mb": m["train"]["peak_memory_mb"], "status": "ok"}
-
-
-def write_table(rows: list[dict], out: Path) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "sweep.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    md = ("# SFT sweep\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
-          "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows))
-    atomic_write_text(out / "sweep.md", md)
-    return md
 
 
 @flow(name="sweep", flow_run_name="sweep-{name}")
@@ -95,7 +73,7 @@ def sweep_flow(grid: dict[str, list], name: str = "sweep", params_dir: str = "pa
             futures = [runner.submit(run_point, {"name": point_name(p), "point": p, "params_dir": params_dir,
                                                  "out": str(out), "env": env}) for p in points]
             rows = [f.result() for f in futures]
-        md = write_table(rows, out)
+        md = write_table(rows, list(dict.fromkeys(k for r in rows for k in r)), out, "sweep", "SFT sweep")
         rec.log_artifact(out / "sweep.csv")
         publish_summary(f"sweep-{name}".lower().replace("_", "-").replace(".", "-"), md, rows)
     print(md)

@@ -12,8 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from refinery.errors import UserError
+from refinery.modeling.method_specs import METHOD_NAMES
 
-METHODS = ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt", "ptuning", "ptuning_v2")
+METHODS = METHOD_NAMES  # one list: refinery/modeling/method_specs.py
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -308,8 +309,10 @@ STAGE_MODELS: dict[str, type[Strict]] = {
 }
 
 
-def _apply_overrides(data: dict, overrides: dict[str, Any] | None, path: Path) -> dict:
-    """`{"training.lr": 1e-3}` sets data["training"]["lr"]; used by flow parameters and tests."""
+def set_dotted(data: dict, overrides: dict[str, Any] | None, path: Path) -> dict:
+    """The one dotted-override setter: `{"training.lr": 1e-3}` sets data["training"]["lr"] (in place, so a
+    ruamel round-trip mapping keeps its comments). Used by `--set`, flow parameters and the pipeline's
+    params-file edits."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -337,7 +340,7 @@ def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[s
         raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = _apply_overrides(data, overrides, path)
+    data = set_dotted(data, overrides, path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

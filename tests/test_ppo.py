@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from refinery.config import PPOParams
 from refinery.modeling.loading import load_tokenizer
 from refinery.rlhf.ppo_trainer import PPOTrainer
-from refinery.data.sft_examples import chat_ids
+from refinery.data.chat import chat_ids
 
 # A random tiny model's logits are almost flat; sampling at temperature 0.1 (used consistently in the PPO
 # log-probs) gives the policy a distribution it can tilt within a few steps.

@@ -53,8 +53,16 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 
 def test_killed_after_the_last_checkpoint_does_not_train_past_max_steps(tiny_base, prepared, tmp_path):
-    summary, _ = train(tiny_base, prepared, tmp_path / "run")
-    again, model = train(tiny_base, prepared, tmp_path / "run")  # all checkpoints there: nothing left to do
+    """Every checkpoint is there (killed after the last save): the rerun trains nothing and returns the weights
+    the uninterrupted run ended with."""
+    summary, finished = train(tiny_base, prepared, tmp_path / "run")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    # the comparison below only means something if training moved the weights away from the base
+    assert any(not torch.equal(p, q) for p, q in zip(finished.parameters(), base.parameters()))
+    again, model = train(tiny_base, prepared, tmp_path / "run")  # a fresh model object, loaded from checkpoint-6
     assert again.resumed_from == 6 and again.steps == 6
-    ref = AutoModelForCausalLM.from_pretrained(tiny_base)
-    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))  # trained weights
+    assert [h["step"] for h in again.history] == [h["step"] for h in summary.history]  # no step past max_steps
+    resumed, uninterrupted = dict(model.named_parameters()), dict(finished.named_parameters())
+    assert resumed.keys() == uninterrupted.keys()
+    for name, p in resumed.items():
+        torch.testing.assert_close(p, uninterrupted[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")

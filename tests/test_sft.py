@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from flows.sft import sft_flow
 from refinery.modeling.loading import load_tokenizer
 from refinery.data.packing import IGNORE
-from refinery.data.sft_examples import build_train_rows, mixture_probs, render_example, sample_mixture
+from refinery.data.chat import render_example
+from refinery.data.mixture import build_train_rows, mixture_probs, sample_mixture
 from refinery.evaluation.text_metrics import exact_match, rouge_l, token_f1
 
 

@@ -60,32 +60,42 @@ def chunk_documents(docs: Iterable[list[int]], block_size: int, eos_id: int) -> 
     return rows
 
 
+def pad_with_mask(seqs: list[list[int]], pad_id: int, side: str = "right"):
+    """The one padding routine: (ids, attention_mask) as tensors of shape (len(seqs), longest).
+    Right padding for training batches; left padding for generation (new tokens follow the prompt)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    fill = [width - len(s) for s in seqs]
+    if side == "left":
+        ids = [[pad_id] * f + list(s) for s, f in zip(seqs, fill)]
+        mask = [[0] * f + [1] * len(s) for s, f in zip(seqs, fill)]
+    else:
+        ids = [list(s) + [pad_id] * f for s, f in zip(seqs, fill)]
+        mask = [[1] * len(s) + [0] * f for s, f in zip(seqs, fill)]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
 class PadCollator:
     """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask`; packed rows
-    (which carry `position_ids` and are all the same length) are stacked as they are."""
+    (which carry `position_ids` and are all the same length) get no attention mask (it would hide the
+    document boundaries that position_ids restarts mark), only positions continued over the fill."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict]) -> dict:
-        import torch
+        ids, mask = pad_with_mask([f["input_ids"] for f in features], self.pad_id)
+        labels, _ = pad_with_mask([f["labels"] for f in features], IGNORE)
+        if "position_ids" in features[0]:
+            width = ids.shape[1]
+            positions = [list(f["position_ids"]) + list(range(f["position_ids"][-1] + 1,
+                                                              f["position_ids"][-1] + 1 + width - len(f["position_ids"])))
+                         for f in features]
+            import torch
 
-        width = max(len(f["input_ids"]) for f in features)
-        if "position_ids" in features[0]:  # packed rows: no attention mask (it would hide the boundaries)
-            out = {"input_ids": [], "labels": [], "position_ids": []}
-            for f in features:
-                fill, last = width - len(f["input_ids"]), f["position_ids"][-1]
-                out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * fill)
-                out["labels"].append(list(f["labels"]) + [IGNORE] * fill)
-                out["position_ids"].append(list(f["position_ids"]) + list(range(last + 1, last + 1 + fill)))
-            return {k: torch.tensor(v) for k, v in out.items()}
-        out = {"input_ids": [], "labels": [], "attention_mask": []}
-        for f in features:
-            fill = width - len(f["input_ids"])
-            out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * fill)
-            out["labels"].append(list(f["labels"]) + [IGNORE] * fill)
-            out["attention_mask"].append([1] * len(f["input_ids"]) + [0] * fill)
-        return {k: torch.tensor(v) for k, v in out.items()}
+            return {"input_ids": ids, "labels": labels, "position_ids": torch.tensor(positions)}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def rows_to_list(rows: dict[str, list[list[int]]]) -> list[dict]:

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from refinery.config import PrepareParams
+from refinery.data.chat import conversation_ids, prompt_ids
 from refinery.data.records import BadRecord, load_valid
 
 SPLITS = ("train", "validation")
@@ -42,11 +43,7 @@ def token_length_fns(tokenizer):
     """Length in tokens of what each stage will actually feed the model (chat-rendered where it applies)."""
 
     def chat_len(prompt: str, answer: str | None) -> int:
-        messages = [{"role": "user", "content": prompt}]
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=answer is None)
-        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return len(prompt_ids(tokenizer, prompt) if answer is None else conversation_ids(tokenizer, prompt, answer))
 
     return {
         "sft": lambda r: (chat_len(r["prompt"], r["response"]), "response"),

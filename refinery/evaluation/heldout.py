@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from refinery.data.packing import IGNORE
+from refinery.data.chat import prompt_ids
+from refinery.data.packing import IGNORE, pad_with_mask
 
 
 @torch.no_grad()
@@ -32,12 +33,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bo
     model.eval()
     outs = []
     for prompt in prompts:
-        if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-        else:
-            ids = tokenizer(prompt, return_tensors="pt")
-        ids = {k: v.to(model.device) for k, v in ids.items()}
+        tokens = prompt_ids(tokenizer, prompt) if chat else tokenizer(prompt)["input_ids"]
+        ids = {"input_ids": torch.tensor([tokens], device=model.device)}
+        ids["attention_mask"] = torch.ones_like(ids["input_ids"])
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
@@ -52,9 +50,8 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
     pad = tokenizer.pad_token_id
     for i in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        ids, mask = pad_with_mask(chunk, pad, side="left")
+        ids, mask, width = ids.to(model.device), mask.to(model.device), ids.shape[1]
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         outs.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)

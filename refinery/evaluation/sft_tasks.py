@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from refinery.evaluation.heldout import eval_loss, generate_batch
 from refinery.data.packing import PadCollator
-from refinery.data.sft_examples import chat_ids, render_example
+from refinery.data.chat import prompt_ids, render_example
 from refinery.evaluation.text_metrics import METRICS
 
 
@@ -16,7 +16,7 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
         rows = [dict(zip(("input_ids", "labels"), render_example(tokenizer, r["prompt"], r["response"])))
                 for r in records]
         loss = eval_loss(model, rows, cfg.eval.batch_size, len(rows), collate)["eval_loss"]
-        prompts = [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+        prompts = [prompt_ids(tokenizer, r["prompt"])
                    for r in records]
         gens = generate_batch(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         fn = METRICS[metrics[task]]

@@ -19,37 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
-
 import torch
 
 from refinery.config import MethodParams
 from refinery.errors import UserError
+from refinery.modeling.method_specs import REGISTRY, Method, methods_for
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    mergeable: bool
-    packing: bool
-    needs_cuda: bool = False
-    virtual_tokens: bool = False
-    # peft 0.21 cannot load a Trainer checkpoint of prefix tuning *with* its projection MLP on a GQA model
-    # (size mismatch on the prompt encoder): such a run restarts instead of resuming, and says so
-    resumable: bool = True
-
-
-REGISTRY: dict[str, Method] = {m.name: m for m in [
-    Method("full", mergeable=True, packing=True),
-    Method("lora", mergeable=True, packing=True),
-    Method("qlora", mergeable=True, packing=True, needs_cuda=True),
-    Method("adapter", mergeable=False, packing=True),
-    Method("ia3", mergeable=True, packing=True),
-    Method("prefix", mergeable=False, packing=False, virtual_tokens=True, resumable=False),
-    Method("ptuning_v2", mergeable=False, packing=False, virtual_tokens=True),
-    Method("prompt", mergeable=False, packing=False, virtual_tokens=True),
-    Method("ptuning", mergeable=False, packing=False, virtual_tokens=True),
-]}
 
 
 def get_method(params: MethodParams, source: str) -> Method:
@@ -78,17 +54,11 @@ def quantization_kwargs(params: MethodParams | None) -> dict:
             "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}, "dtype": torch.bfloat16}
 
 
-# Scalar-head (reward, value) and RL stages: merged-weight methods only. Virtual-token methods shift token
-# positions (values and KL must line up with response tokens) and bottleneck adapters would leave the head
-# unsaved in a non-mergeable folder; both are refused at validation for these stages.
-SCALAR_STAGE_METHODS = ("full", "lora", "qlora", "ia3")
-
-
 def check_stage_method(params: MethodParams, stage: str, source: str) -> Method:
     method = get_method(params, source)
-    if stage in ("reward", "ppo") and method.name not in SCALAR_STAGE_METHODS:
+    if stage not in method.stages:
         raise UserError(f"{source}: key 'method': '{method.name}' is not supported in stage '{stage}' "
-                        f"(supported: {', '.join(SCALAR_STAGE_METHODS)}); see the chaining table in README.md")
+                        f"(supported: {', '.join(methods_for(stage))}); see the chaining table in README.md")
     return method
 
 

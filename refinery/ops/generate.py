@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from refinery.errors import UserError, exit_on_user_error
 from refinery.evaluation.heldout import generate_batch
 from refinery.modeling.loading import load_tokenizer
-from refinery.data.sft_examples import chat_ids
+from refinery.data.chat import prompt_ids
 
 
 class MultiAdapterModel:
@@ -54,7 +54,7 @@ class MultiAdapterModel:
         if adapter is not None:
             self.model.set_adapter(adapter)
         ctx = self.model.disable_adapter() if adapter is None and self.model is not None else nullcontext()
-        ids = [chat_ids(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
         with ctx:
             return generate_batch(model, self.tokenizer, ids, max_new_tokens)
 

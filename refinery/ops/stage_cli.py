@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from refinery.errors import UserError
+from refinery.ops.health import server_answers
 from refinery.modeling.manifest import git_commit, hash_obj
 
 BAD_INPUT = "BadInput"
@@ -84,7 +85,7 @@ def prefect_api_or_local():
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     url = get_current_settings().api.url
-    if url is None or _answers(f"{str(url).rstrip('/')}/health"):
+    if url is None or server_answers(url):
         yield
         return
     print(f"warning: Prefect API {url} is unreachable; running this stage with a temporary local Prefect API",
@@ -94,16 +95,6 @@ def prefect_api_or_local():
     os.environ.pop(ENV, None)  # a flow run in the unreachable API cannot be ours
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         yield
-
-
-def _answers(url: str, timeout: float = 5.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status < 500
-    except Exception:
-        return False
 
 
 def run_cli(flow_fn, precheck=None, **kwargs) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from refinery.data.packing import pad_with_mask
 from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
 
@@ -34,17 +35,10 @@ class Rollout:
                        self.has_eos[idx])
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float,
            top_k: int, top_p: float, greedy: bool = False) -> Rollout:
-    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = pad_with_mask(prompts, pad_id, side="left")
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     policy.eval()

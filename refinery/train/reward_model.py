@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Trainer
 
 from refinery.modeling.methods import quantization_kwargs
-from refinery.data.sft_examples import chat_ids
+from refinery.data.chat import conversation_ids
+from refinery.data.packing import pad_with_mask
 
 
 def render(tokenizer, prompt: str, answer: str, max_length: int) -> list[int]:
-    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    ids = conversation_ids(tokenizer, prompt, answer)
     return ids[-max_length:]  # keep the answer end: the head reads the last token
 
 
@@ -30,9 +31,8 @@ def pair_rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    return {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
+    ids, mask = pad_with_mask(seqs, pad_id)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class PairCollator:

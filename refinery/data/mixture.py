@@ -1,29 +1,12 @@
-"""SFT data: chat-rendered examples with the loss on the response only, and a weighted task mixture."""
+"""The SFT task mixture: per-task pools of rendered examples, sampled by weight into training rows."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+from refinery.data.packing import pack_examples
 from refinery.errors import UserError
-from refinery.data.packing import IGNORE, pack_examples
 from refinery.data.records import read_jsonl
-
-
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def render_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): the chat-rendered conversation; prompt tokens (system + user + the assistant
-    header) are masked with -100, so only the response and its end-of-turn token are learned."""
-    user = [{"role": "user", "content": prompt}]
-    prompt_ids = chat_ids(tokenizer, user, add_generation_prompt=True)
-    full = chat_ids(tokenizer, user + [{"role": "assistant", "content": response}])
-    if full[:len(prompt_ids)] != prompt_ids:
-        raise UserError("tokenizer chat template: the rendered prompt is not a prefix of the rendered "
-                        "conversation, so the response cannot be isolated for the loss")
-    return full, [IGNORE] * len(prompt_ids) + full[len(prompt_ids):]
 
 
 def load_task(folder: Path, task: str, split: str) -> list[dict]:
