@@ -8,7 +8,7 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-slow ui clean
+.PHONY: install demo test lint test-slow ui clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ $(VENV)/.installed: requirements.lock
 demo: install  ## the whole pipeline on the bundled SmolLM2-135M-Instruct and demo data
 	test -d .git || (git init -q && git add -A && git -c user.email=demo@localhost -c user.name=demo commit -qm "demo snapshot")
 	$(PY) -m flows.pipeline
+
+lint: install  ## ruff: lint + import order (pyproject.toml [tool.ruff])
+	$(VENV)/bin/ruff check .
 
 test: install  ## fast tests on the tiny model, then the slow end-to-end `dvc repro`
 	$(PY) -m pytest -q tests -m "not slow"

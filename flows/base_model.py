@@ -1,8 +1,7 @@
 """Stage `base_model`: import the base checkpoint into models/base/ as a plain HF folder."""
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from refinery.ops.prefect_artifacts import metrics_table, publish_summary
 from refinery.atomic import atomic_dir
@@ -12,13 +11,13 @@ from refinery.errors import UserError
 from refinery.evaluation.heldout import generate
 from refinery.modeling.manifest import build_manifest, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import count_parameters
-from refinery.ops.stage_cli import refuse, run_name, stage_main, summary_markdown
-from refinery.ops.tracking import StageRecord
+from refinery.ops.stage_cli import open_stage_record, refuse, run_name, stage_main, summary_markdown
+from refinery.ops.prefect_tasks import uncached_task
 
 SMOKE_PROMPT = "What is the capital of France?"
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def save_base(model, tokenizer, out_dir: str, params: dict, seed: int) -> dict:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -38,9 +37,7 @@ def base_model_flow(params_dir: str = "params", out_dir: str = "models/base", ov
     except UserError as exc:
         return refuse(exc)
     params = {"base": base.model_dump(), "base_model": cfg.model_dump()}
-    with StageRecord("base_model", experiment=base.tracking.experiment, params=params,
-                     run_name=run_name("base_model", cfg.source),
-                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+    with open_stage_record("base_model", base, params, name=run_name("base_model", cfg.source)) as rec:
         answer = generate(model, tokenizer, [SMOKE_PROMPT], max_new_tokens=16)[0]
         manifest = save_base(model, tokenizer, out_dir, params, base.seed)
         _, total = count_parameters(model)

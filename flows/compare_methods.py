@@ -11,22 +11,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.config import load_params
 from refinery.errors import UserError
 from refinery.ops.prefect_link import fan_out_runner
 from refinery.ops.sft_points import run_sft_point, write_table
-from refinery.ops.stage_cli import refuse, run_name, stage_main
-from refinery.ops.tracking import StageRecord
+from refinery.ops.stage_cli import open_stage_record, refuse, stage_main
+from refinery.ops.prefect_tasks import uncached_task
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
            "tokens_per_second", "eval_loss", "score", "score_before", "status")
 
 
-@task(cache_policy=NO_CACHE, task_run_name="sft-{method}", retries=0)
+@uncached_task(task_run_name="sft-{method}", retries=0)
 def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out: str, overrides: dict,
                env: dict) -> dict:
     stage = f"compare-{method.replace('_', '-')}"
@@ -83,8 +82,7 @@ def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", dat
         return refuse(exc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with StageRecord("compare", experiment=base.tracking.experiment, params={"compare": cfg.model_dump()},
-                     run_name=run_name("compare"), on_unreachable=base.tracking.on_server_unreachable) as rec:
+    with open_stage_record("compare", base, {"compare": cfg.model_dump()}) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
         base_overrides = {"training.max_steps": cfg.max_steps, **cfg.sft_overrides}
         with fan_out_runner(cfg.task_runner, cfg.parallel) as runner:

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.states import Completed
 
 from refinery.ops.prefect_artifacts import publish_summary
@@ -29,8 +28,8 @@ from refinery.config import load_params, set_dotted
 from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.errors import UserError, exit_on_user_error
 from refinery.ops.prefect_link import child_env, close_unfinished
-from refinery.ops.stage_cli import refuse, run_cli, run_name
-from refinery.ops.tracking import StageRecord
+from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
+from refinery.ops.prefect_tasks import uncached_task
 
 REPORT = Path("reports/pipeline/report.md")
 TIMING = Path("reports/pipeline-timing.json")  # beside, not inside, the report stage's DVC out
@@ -64,12 +63,12 @@ def apply_overrides(overrides: dict[str, dict], params_dir: str = "params") -> N
             rt.dump(data, fh)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # reading DVC state is I/O: worth a retry
+@uncached_task(retries=2, retry_delay_seconds=5)  # reading DVC state is I/O: worth a retry
 def dvc_status(stage: str) -> dict:
     return stage_status(stage)
 
 
-@task(cache_policy=NO_CACHE, retries=0)  # a training failure is deterministic: no retry
+@uncached_task(retries=0)  # a training failure is deterministic: no retry
 def run_stage(stage: str, env: dict) -> float:
     """Runs the stage through DVC; returns its wall seconds."""
     env, linked = child_env(flow_name(stage), env)  # the stage's flow run shows as this task's subflow
@@ -82,7 +81,7 @@ def run_stage(stage: str, env: dict) -> float:
     return time.perf_counter() - t0
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@uncached_task(retries=2, retry_delay_seconds=5)
 def tag_dvc_hash(stage: str, parent_run_id: str) -> str | None:
     """DVC's view of what the stage ran on (cmd, deps' md5s, params in dvc.lock), as a tag on the stage's
     MLflow child run and on the pipeline run, so an MLflow run can be matched to a dvc.lock entry."""
@@ -125,7 +124,7 @@ def overhead(total: float, status_s: float, walls: dict[str, float], parent_run_
             "pipeline_flow_seconds": round(total - sum(walls.values()) - status_s, 2), "stages": stages}
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def skip_stage(stage: str, reason: str):
     return Completed(name="Skipped", message=f"{stage}: {reason}")
 
@@ -156,10 +155,9 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx else ""
     results: dict[str, str] = {}
-    with StageRecord("pipeline", experiment=base.tracking.experiment,
-                     params={"stages": ",".join(stages), "overrides": overrides or {}, "force": force},
-                     run_name=ctx.flow_run.name if ctx else (name or run_name("pipeline")), on_unreachable=base.tracking.on_server_unreachable,
-                     tags={"prefect_flow_run_id": flow_run_id}) as rec:
+    with open_stage_record("pipeline", base, {"stages": ",".join(stages), "overrides": overrides or {}, "force": force},
+                           name=ctx.flow_run.name if ctx else (name or run_name("pipeline")),
+                           tags={"prefect_flow_run_id": flow_run_id}) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id, "REFINERY_PREFECT_FLOW_RUN_ID": flow_run_id}
         t_start, status_s, walls = time.perf_counter(), 0.0, {}
         for stage in stages:

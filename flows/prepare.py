@@ -9,8 +9,7 @@ from refinery.config import load_params
 from refinery.errors import UserError
 from refinery.modeling.loading import load_tokenizer
 from refinery.data.prepare import prepare_all
-from refinery.ops.stage_cli import refuse, run_name, stage_main, summary_markdown
-from refinery.ops.tracking import StageRecord
+from refinery.ops.stage_cli import open_stage_record, refuse, stage_main, summary_markdown
 
 
 @flow(name="prepare", flow_run_name="prepare")
@@ -30,8 +29,7 @@ def prepare_flow(params_dir: str = "params", model_dir: str = "models/base", out
     except UserError as exc:
         return refuse(exc)
     params = {"base": base.model_dump(), "prepare": cfg.model_dump()}
-    with StageRecord("prepare", experiment=base.tracking.experiment, params=params, run_name=run_name("prepare"),
-                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+    with open_stage_record("prepare", base, params) as rec:
         rec.write_metrics(report)
         for name in report["sets"]:
             rec.log_dataset(Path(out_dir) / name / "train.jsonl", name, context="prepare")

@@ -2,46 +2,54 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.config import load_params
 from refinery.ops.distributed import world_size
 from refinery.errors import UserError
-from refinery.modeling.manifest import check_same_tokenizer, hash_obj, hash_path
+from refinery.modeling.manifest import check_same_tokenizer, hash_obj
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
 from refinery.modeling.loading import full_weights_of, load_tokenizer
 from refinery.data.records import read_jsonl
 from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
 from refinery.ops.stage_cli import (
-    checkpoint_dir,
     flow_run_namer,
     refuse,
-    run_name,
+    open_stage_record,
     stage_main,
     summary_markdown,
 )
-from refinery.ops.tracking import StageRecord
-from refinery.train.stage_io import save_stage_output, train_block
+from refinery.train.stage_io import StageInputs, save_stage_output, train_block
 from refinery.train.trainer import run_trainer
+from refinery.ops.prefect_tasks import uncached_task
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def evaluate_rm(model, rows, pad_id, cfg) -> dict:
     return evaluate_pairs(model, rows, pad_id, cfg.eval.batch_size, cfg.eval.buckets)
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
                        trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin)[0]
 
 
-def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
+@dataclass(frozen=True, kw_only=True)
+class RewardInputs(StageInputs):
+    init_dir: str          # full weights the reward model starts from (the SFT output, or its base)
+    note: str | None       # why init_dir is not the SFT output itself, when it is not
+    prefs: Path            # data/prepared/preferences
+    train: list[dict]      # chat-rendered pairs
+    val: list[dict]
+    pad: int
+
+
+def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> RewardInputs:
     """Params, tokenizer, pairs and the initial reward model, checked before anything trains (every rank
     builds the same)."""
     base = load_params("base", params_dir)
@@ -53,14 +61,11 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     prefs = Path(data_dir) / "preferences"
     train = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length)
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
-    params = {"base": base.model_dump(), "reward": cfg.model_dump()}
-    inputs = {"model": input_dir, "preferences": str(prefs)}
-    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
     pad = tokenizer.pad_token_id
-    return SimpleNamespace(base=base, cfg=cfg, init_dir=init_dir, note=note, tokenizer=tokenizer, prefs=prefs,
-                           train=train, val=val[:cfg.eval.max_pairs], params=params, inputs=inputs,
-                           input_hashes=input_hashes, pad=pad, ckpt=checkpoint_dir("reward", params, input_hashes),
-                           model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg))
+    return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
+                        inputs={"model": input_dir, "preferences": str(prefs)},
+                        model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg),
+                        init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad)
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
@@ -68,7 +73,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data
     """A non-zero rank of a multi-process reward run: the same model and pairs, trained in step with rank 0."""
     job = load_inputs(params_dir, input_dir, data_dir, overrides)
     model = apply_method(job.model, job.cfg, "SEQ_CLS", input_dir, seed=job.base.seed)
-    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.ckpt, job.base.seed, None, None)
+    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.checkpoint, job.base.seed, None, None)
 
 
 @flow(name="reward", flow_run_name=flow_run_namer("reward"))
@@ -81,21 +86,18 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
     if job.note:
         print(f"warning: reward: {job.note}", file=sys.stderr)
     base, cfg, init_dir, tokenizer, train, val = job.base, job.cfg, job.init_dir, job.tokenizer, job.train, job.val
-    params, inputs, input_hashes, pad, model = job.params, job.inputs, job.input_hashes, job.pad, job.model
+    params, pad, model = job.params, job.pad, job.model
 
-    with StageRecord("reward", experiment=base.tracking.experiment, params=params,
-                     run_name=run_name("reward", cfg.method), on_unreachable=base.tracking.on_server_unreachable,
-                     tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
-                           "data_hash": input_hashes["preferences"][:12]}) as rec:
+    with open_stage_record("reward", base, params, method=cfg.method, tags=job.lineage_tags("preferences")) as rec:
         rec.log_dataset(job.prefs / "train.jsonl", "preferences", context="training")
         before = evaluate_rm(model, val, pad, cfg)
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
-        summary = train_rm(model, train, PairCollator(pad), cfg, job.ckpt,
+        summary = train_rm(model, train, PairCollator(pad), cfg, job.checkpoint,
                            base.seed, rec, Progress("reward"))
         after = evaluate_rm(model, val, pad, cfg)
-        manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, inputs,
+        manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs,
                                      base.seed)
         t = cfg.training
         pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum * world_size()

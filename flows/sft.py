@@ -1,16 +1,15 @@
 """Stage `sft`: multi-task supervised fine-tuning on a weighted task mixture, loss on the response only."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from refinery.ops.prefect_artifacts import Progress, publish_summary
 from refinery.ops.distributed import world_size
 from refinery.errors import UserError
-from refinery.modeling.manifest import hash_obj, hash_path
+from refinery.modeling.manifest import hash_obj
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
 from refinery.data.packing import PadCollator
 from refinery.data.chat import render_example
@@ -20,45 +19,53 @@ from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
     refuse,
-    run_name,
+    open_stage_record,
     stage_main,
     summary_markdown,
 )
-from refinery.ops.tracking import StageRecord
-from refinery.train.stage_io import load_start, save_stage_output, train_block
+from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import run_trainer
+from refinery.ops.prefect_tasks import uncached_task
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def evaluate_sft(model, tokenizer, val, metrics, cfg):
     return evaluate_tasks(model, tokenizer, val, metrics, cfg)
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
                        count_tokens=count_tokens, resumable=REGISTRY[cfg.method].resumable)[0]
 
 
-def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SimpleNamespace:
+@dataclass(frozen=True, kw_only=True)
+class SftInputs(StageInputs):
+    folder: Path                     # data/prepared/sft
+    val: dict[str, list[dict]]       # task -> held-out records
+    probs: dict[str, float]          # task -> mixture probability
+    rows: list[dict]                 # the training rows, drawn from the mixture
+    counts: dict[str, int]           # task -> examples in those rows
+    collate: PadCollator
+    count_tokens: str                # "all" for packed rows, "non_padding" for padded ones
+
+
+def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SftInputs:
     """Params, model, data and the training rows, checked before anything trains (every rank builds the same)."""
     base, cfg, method, model, tokenizer = load_start("sft", params_dir, input_dir, overrides)
     folder = Path(data_dir) / "sft"
     train = {t: load_task(folder, t, "train") for t in cfg.tasks}
     val = {t: load_task(folder, t, "validation") for t in cfg.tasks}
-    params = {"base": base.model_dump(), "sft": cfg.model_dump()}
-    inputs = {"model": input_dir, "sft_data": str(folder)}
-    input_hashes = {k: hash_path(v) for k, v in inputs.items()}
     pools = {t: [render_example(tokenizer, r["prompt"], r["response"]) for r in recs] for t, recs in train.items()}
     probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
                           cfg.mixing, cfg.temperature)
     t = cfg.training
-    rows, counts = build_train_rows(pools, probs, t.max_steps * t.batch_size * t.grad_accum * max(t.nproc_per_node, world_size()),
-                                    cfg.block_size, method.packing, base.seed)
-    return SimpleNamespace(base=base, cfg=cfg, method=method, model=model, tokenizer=tokenizer, folder=folder,
-                           val=val, params=params, inputs=inputs, input_hashes=input_hashes, probs=probs, rows=rows,
-                           counts=counts, collate=PadCollator(tokenizer.pad_token_id),
-                           count_tokens="all" if method.packing else "non_padding")
+    n_rows = t.max_steps * t.batch_size * t.grad_accum * max(t.nproc_per_node, world_size())
+    rows, counts = build_train_rows(pools, probs, n_rows, cfg.block_size, method.packing, base.seed)
+    return SftInputs(stage="sft", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
+                     inputs={"model": input_dir, "sft_data": str(folder)}, folder=folder, val=val, probs=probs,
+                     rows=rows, counts=counts, collate=PadCollator(tokenizer.pad_token_id),
+                     count_tokens="all" if method.packing else "non_padding")
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
@@ -79,19 +86,14 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         job = load_inputs(params_dir, input_dir, data_dir, overrides)
     except UserError as exc:
         return refuse(exc)
-    base, cfg, tokenizer, model, folder, val = job.base, job.cfg, job.tokenizer, job.model, job.folder, job.val
-    params, inputs, input_hashes, probs, rows, counts = (job.params, job.inputs, job.input_hashes, job.probs,
-                                                         job.rows, job.counts)
-    share = {k: round(v / max(sum(counts.values()), 1), 4) for k, v in counts.items()}
+    base, cfg, tokenizer, model, val, params = job.base, job.cfg, job.tokenizer, job.model, job.val, job.params
+    share = {k: round(v / max(sum(job.counts.values()), 1), 4) for k, v in job.counts.items()}
     metric_of = {k: s.metric for k, s in cfg.tasks.items()}
-    collate = job.collate
 
-    with StageRecord(stage, experiment=base.tracking.experiment, params=params, run_name=run_name(stage, cfg.method),
-                     root=Path(record_root), on_unreachable=base.tracking.on_server_unreachable,
-                     tags={"method": cfg.method, "params_hash": hash_obj(params)[:12],
-                           "data_hash": input_hashes["sft_data"][:12], "input_model_hash": input_hashes["model"][:12]}) as rec:
+    with open_stage_record(stage, base, params, method=cfg.method, root=record_root,
+                           tags=job.lineage_tags("sft_data")) as rec:
         for task_name in cfg.tasks:
-            rec.log_dataset(folder / task_name / "train.jsonl", f"sft/{task_name}", context="training")
+            rec.log_dataset(job.folder / task_name / "train.jsonl", f"sft/{task_name}", context="training")
         if cfg.eval.before:
             before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         else:
@@ -99,15 +101,15 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
-              f"({100 * trainable / total:.3f}%); {len(rows)} rows, mixture share {share}")
-        summary = train_sft(model, rows, collate, cfg, checkpoint_dir(stage, params, input_hashes), base.seed, rec,
+              f"({100 * trainable / total:.3f}%); {len(job.rows)} rows, mixture share {share}")
+        summary = train_sft(model, job.rows, job.collate, cfg, checkpoint_dir(stage, params, job.input_hashes), base.seed, rec,
                             Progress(stage), job.count_tokens)
         after, samples_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
-        manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, inputs, base.seed)
+        manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         metrics = {**({"before": before} if before else {}), "after": after,
-                   "train": train_block(cfg.method, summary, trainable, total, rows=len(rows),
-                                        mixture_probability={k: round(v, 4) for k, v in probs.items()},
-                                        mixture_share=share, examples=sum(counts.values()))}
+                   "train": train_block(cfg.method, summary, trainable, total, rows=len(job.rows),
+                                        mixture_probability={k: round(v, 4) for k, v in job.probs.items()},
+                                        mixture_share=share, examples=sum(job.counts.values()))}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         before_score = (lambda k: before["tasks"][k]["score"]) if before else (lambda k: None)

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.config import load_params
@@ -27,8 +26,8 @@ from refinery.errors import UserError, exit_on_user_error
 from refinery.modeling.methods import check_stage_method
 from refinery.ops.prefect_link import fan_out_runner
 from refinery.ops.sft_points import run_sft_point, write_table
-from refinery.ops.stage_cli import refuse, run_cli, run_name
-from refinery.ops.tracking import StageRecord
+from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
+from refinery.ops.prefect_tasks import uncached_task
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -40,7 +39,7 @@ def point_name(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{name}", retries=0)
+@uncached_task(task_run_name="{name}", retries=0)
 def run_point(name: str, point: dict, params_dir: str, out: str, env: dict) -> dict:
     m, status = run_sft_point(Path(out) / name, point, env, params_dir)
     if m is None:
@@ -65,9 +64,8 @@ def sweep_flow(grid: dict[str, list], name: str = "sweep", params_dir: str = "pa
         return refuse(exc)
     out = Path("experiments") / name
     out.mkdir(parents=True, exist_ok=True)
-    with StageRecord("sweep", experiment=base.tracking.experiment, params={"grid": grid, "task_runner": task_runner},
-                     run_name=run_name("sweep", name), root=out,
-                     on_unreachable=base.tracking.on_server_unreachable) as rec:
+    with open_stage_record("sweep", base, {"grid": grid, "task_runner": task_runner}, root=out,
+                           name=run_name("sweep", name)) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
         with runner:
             futures = [runner.submit(run_point, {"name": point_name(p), "point": p, "params_dir": params_dir,

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from refinery.modeling import bottleneck
 from refinery.errors import UserError
@@ -75,9 +75,29 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=to
     if kind != "full":
         raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
                         "from full weights (see the chaining table in README.md)")
-    kwargs = {"dtype": dtype, **quantization_kwargs(method)}
-    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype))
+
+
+def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None = None, dtype=torch.float32) -> dict:
+    """The one set of from_pretrained settings: safetensors only, remote code only when asked, fp32 weights
+    (a 4-bit NF4 base when the method is qlora)."""
+    return {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": dtype,
+            **quantization_kwargs(method)}
+
+
+def load_scalar_model(folder: str | Path, trust_remote_code: bool = False, method: MethodParams | None = None,
+                      **extra):
+    """A one-scalar sequence-classification model (the reward model, PPO's value model)."""
+    return AutoModelForSequenceClassification.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method),
+                                                              **extra)
+
+
+def to_compute_device(model):
+    """The GPU when there is one (PPO keeps rollouts, values and rewards on one device); 4-bit models were
+    placed on their GPU at load."""
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        return model.to("cuda")
+    return model
 
 
 def merge_into_full_precision(model, input_dir: str | Path, adapter_dir: Path):

@@ -9,6 +9,7 @@ creates its own flow run as usual.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from uuid import UUID
@@ -102,10 +103,9 @@ def _placeholder():  # create_flow_run needs a Flow object only for its name
     return None
 
 
-def run_child_flow(flow_name: str, cmd: list[str], env: dict[str, str], log_path) -> "subprocess.CompletedProcess":
+def run_child_flow(flow_name: str, cmd: list[str], env: dict[str, str], log_path) -> subprocess.CompletedProcess:
     """Run `cmd` (a stage's `python -m flows.<stage> ...`) as a subflow of the current task; its output goes
     to `log_path` (kept beside its results, so a failed child can be read after the fact)."""
-    import subprocess
     from pathlib import Path
 
     env, linked = child_env(flow_name, env)

@@ -40,6 +40,18 @@ def flow_run_namer(stage: str):
     return name
 
 
+def open_stage_record(stage: str, base, params: dict, *, method: str | None = None, root: str | Path = ".",
+                      tags: dict[str, str] | None = None, name: str | None = None):
+    """The one way a flow opens its MLflow record: experiment and unreachable-server policy from
+    params/base.yaml, run name `<stage>-<method>-<sha>`, and the method and params-hash tags."""
+    from refinery.ops.tracking import StageRecord
+
+    lineage = {"method": method, "params_hash": hash_obj(params)[:12]} if method else {}
+    return StageRecord(stage, experiment=base.tracking.experiment, params=params,
+                       run_name=name or run_name(stage, method), root=Path(root),
+                       on_unreachable=base.tracking.on_server_unreachable, tags={**lineage, **(tags or {})})
+
+
 def checkpoint_dir(stage: str, *parts) -> Path:
     """checkpoints/<stage>/<hash of params + input hashes>: outside DVC outs, so `dvc repro` can't delete it,
     and keyed so that changed params or inputs never resume a stale run."""

@@ -94,6 +94,7 @@ class PPOTrainer:
         self.order_rng = random.Random(seed)
         torch.manual_seed(seed)
         self.state = PPOState()
+        self.resumed_from: int | None = None  # the checkpoint step a resumed run started from
         self._order: list[int] = []
 
     # ---- the reference policy: the adapter switched off (weights held once), or a frozen copy ------
@@ -264,3 +265,18 @@ def _rng_to_json(state) -> list:
 def _rng_from_json(data) -> tuple:
     version, internal, gauss = data
     return version, tuple(internal), gauss
+
+
+def ppo_train_block(trainer: PPOTrainer, init_from: str, trainable: int, total: int, peak_memory_mb: float) -> dict:
+    """The `train` block of metrics/ppo.json from the trainer's history; rates averaged over the steps this
+    process ran (a resumed run's earlier steps were timed by another process)."""
+    h, cfg = trainer.state.history, trainer.cfg
+    ran = [x for x in h if x["step"] > (trainer.resumed_from or 0)]
+    mean = lambda key: sum(x[key] for x in ran) / max(len(ran), 1)  # noqa: E731
+    return {"method": cfg.method, "init_from": init_from, "steps": trainer.state.step,
+            "reward_first": h[0]["reward_mean"], "reward_last": h[-1]["reward_mean"],
+            "reward_last3_mean": sum(x["reward_mean"] for x in h[-3:]) / len(h[-3:]),
+            "kl_last": h[-1]["kl"], "kl_coef_last": h[-1]["kl_coef"], "target_kl": cfg.target_kl,
+            "episodes_per_second": mean("episodes_per_second"), "tokens_per_second": mean("tokens_per_second"),
+            "peak_memory_mb": round(peak_memory_mb, 1), "trainable_params": trainable,
+            "trainable_percent": round(100 * trainable / total, 4), "resumed_from_step": trainer.resumed_from}

@@ -12,9 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, Trainer
+from transformers import Trainer
 
-from refinery.modeling.methods import quantization_kwargs
+from refinery.modeling.loading import load_scalar_model
 from refinery.data.chat import conversation_ids
 from refinery.data.packing import pad_with_mask
 
@@ -64,9 +64,7 @@ class BradleyTerryTrainer(Trainer):
 def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None):
     """A scalar-head model on the SFT weights (4-bit base when `method` is qlora); the new head seeded."""
     torch.manual_seed(seed)  # the new head's init
-    kwargs = {"dtype": torch.float32, **quantization_kwargs(method)}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+    model = load_scalar_model(sft_dir, trust_remote_code, method, num_labels=1)
     model.config.pad_token_id = pad_token_id
     return model
 

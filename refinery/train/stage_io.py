@@ -1,17 +1,50 @@
-"""Pieces every training stage (dapt, sft, reward) shares: loading the start, the `train` metrics block, the atomic save."""
+"""What every training stage (dapt, sft, reward, ppo) shares: its typed inputs, loading the start, the
+`train` metrics block, the atomic save."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
-from refinery.modeling.manifest import build_manifest, tokenizer_fingerprint, write_manifest
+from refinery.modeling.manifest import build_manifest, hash_path, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import get_method
 from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
+from refinery.ops.stage_cli import checkpoint_dir
 from refinery.train.trainer import TrainSummary
+from refinery.ops.prefect_tasks import uncached_task
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageInputs:
+    """What a stage runs on, built and validated before anything trains (every rank of a multi-process run
+    builds the same). Each stage subclasses it with its own data fields."""
+
+    stage: str
+    base: Any                   # refinery.config.BaseParams
+    cfg: Any                    # the stage's params model
+    tokenizer: Any
+    inputs: dict[str, str]      # name -> path of everything read (hashed into the manifest and checkpoint key)
+    model: Any = None           # the loaded start (before the method is applied)
+    params: dict = field(init=False)
+    input_hashes: dict[str, str] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", {"base": self.base.model_dump(), self.stage: self.cfg.model_dump()})
+        object.__setattr__(self, "input_hashes", {k: hash_path(v) for k, v in self.inputs.items()})
+
+    @property
+    def checkpoint(self) -> Path:
+        return checkpoint_dir(self.stage, self.params, self.input_hashes)
+
+    def lineage_tags(self, data: str) -> dict[str, str]:
+        """MLflow tags tying the run to its data and input model (12-char hashes)."""
+        tags = {"data_hash": self.input_hashes[data][:12]}
+        if "model" in self.input_hashes:
+            tags["input_model_hash"] = self.input_hashes["model"][:12]
+        return tags
 
 
 def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | None):
@@ -25,7 +58,7 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
 
 
 def train_block(method: str, summary: TrainSummary, trainable: int, total: int, **extra) -> dict:
-    """The `train` block of metrics/<stage>.json (names fixed by the metrics contract in DESIGN.md)."""
+    """The `train` block of a stage's metrics (names fixed by refinery/ops/metrics_contract.py)."""
     return {
         "method": method,
         "steps": summary.steps,
@@ -42,7 +75,7 @@ def train_block(method: str, summary: TrainSummary, trainable: int, total: int, 
     }
 
 
-@task(cache_policy=NO_CACHE)
+@uncached_task
 def save_stage_output(stage: str, model, tokenizer, method: str, out_dir: str, input_dir: str, params: dict,
                       inputs: dict[str, str], seed: int) -> dict:
     """Model + tokenizer + manifest into a temp folder, renamed over `out_dir` only once complete."""
