@@ -148,7 +148,8 @@ def flops_per_token(model, tokens_per_row: float) -> tuple[float, str]:
     full = all(p.requires_grad for p in inner.parameters() if p.dim() == 2)
     k = 6 if full else 4
     attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * tokens_per_row
-    return k * n + attn, f"{k}·N + 12·L·d·T, N={n / 1e6:.1f}M, L={cfg.num_hidden_layers}, d={cfg.hidden_size}, T={tokens_per_row:.0f}"
+    return k * n + attn, (f"{k}·N + 12·L·d·T, N={n / 1e6:.1f}M, L={cfg.num_hidden_layers}, d={cfg.hidden_size}, "
+                          f"T={tokens_per_row:.0f}")
 
 
 def mfu(tokens_per_second: float | None, fpt: float) -> float | None:
@@ -228,7 +229,8 @@ def lora_params(dropout: float):
 def sft_data(tokenizer, data_dir: Path, steps: int):
     """Our packed rows (exactly steps*batch, as flows/sft.py builds them) and the raw records they hold, in order."""
     from refinery.config import load_params
-    from refinery.data.mixture import build_train_rows, load_task, mixture_probs, render_example, sample_mixture
+    from refinery.data.chat import render_example
+    from refinery.data.mixture import build_train_rows, load_task, mixture_probs, sample_mixture
 
     cfg = load_params("sft")  # the task list and mixture come from params/sft.yaml; hyper-parameters are fixed here
     records = {t: load_task(data_dir / "sft", t, "train") for t in cfg.tasks}
@@ -271,9 +273,9 @@ def reward_data(tokenizer, data_dir: Path, steps: int):
 def case_sft_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
     import torch
 
-    from refinery.modeling.methods import apply_method
-    from refinery.modeling.loading import load_causal_lm, load_tokenizer
     from refinery.data.packing import PadCollator
+    from refinery.modeling.loading import load_causal_lm, load_tokenizer
+    from refinery.modeling.methods import apply_method
     from refinery.train.trainer import run_trainer
 
     tok = load_tokenizer(model_dir)
@@ -296,8 +298,8 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from refinery.modeling.methods import peft_config
     from refinery.modeling.loading import load_causal_lm, load_tokenizer
+    from refinery.modeling.methods import peft_config
 
     _, used, stats = sft_data(load_tokenizer(model_dir), data_dir, steps)
     conv = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
@@ -346,8 +348,8 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
 
 
 def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
-    from refinery.modeling.methods import apply_method
     from refinery.modeling.loading import load_tokenizer
+    from refinery.modeling.methods import apply_method
     from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows
     from refinery.train.trainer import run_trainer
 
@@ -368,8 +370,8 @@ def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> 
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from refinery.modeling.methods import peft_config
     from refinery.modeling.loading import load_tokenizer
+    from refinery.modeling.methods import peft_config
     from refinery.train.reward_model import init_reward_model, pair_rows
 
     tok = load_tokenizer(model_dir)
@@ -451,8 +453,8 @@ def machine_info() -> dict:
 
 
 def build_tiny(folder: Path) -> Path:
-    from refinery.modeling.base_import import import_base
     from refinery.config import BaseModelParams
+    from refinery.modeling.base_import import import_base
 
     model, tok = import_base(BaseModelParams(source="tiny"), seed=0, trust_remote_code=False)
     model.save_pretrained(folder)
@@ -465,8 +467,8 @@ def ensure_data(model_dir: Path, work: Path) -> tuple[Path, str]:
     if (prepared / "sft").is_dir() and (prepared / "preferences" / "train.jsonl").is_file():
         return prepared, "data/prepared (the pipeline's prepare stage)"
     from refinery.config import load_params
-    from refinery.modeling.loading import load_tokenizer
     from refinery.data.prepare import prepare_all
+    from refinery.modeling.loading import load_tokenizer
 
     out = work / "prepared"
     prepare_all(load_params("prepare"), load_tokenizer(model_dir), 2048, SEED, out)
@@ -625,7 +627,8 @@ def write_outputs(out: Path, results: dict) -> None:
              f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
              f"peft {m['peft']}", f"- {m['platform']}"] + ([f"- {results['note']}"] if results.get("note") else []) + ["",
              "## Settings", "",
-             f"- {results['steps']} optimizer steps per case, {results.get('precision', 'fp32')}, no gradient checkpointing, AdamW lr "
+             f"- {results['steps']} optimizer steps per case, {results.get('precision', 'fp32')}, no gradient checkpointing, "
+             "AdamW lr "
              f"{SFT_LR:g}, cosine with {WARMUP_RATIO:.0%} warm-up, one checkpoint saved at the end (inside the timing) on "
              "both sides, each case in a fresh subprocess"
              + (f"; {results['repeat']} interleaved runs per case, the median-time run reported." if results.get("repeat", 1) > 1
@@ -811,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     results = {"command": "python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "note": args.note, "precision": PRECISION, "steps": args.steps, "repeat": args.repeat, "machine": machine, "models": {}}
+               "note": args.note, "precision": PRECISION, "steps": args.steps, "repeat": args.repeat, "machine": machine,
+               "models": {}}
     print(f"bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, transformers "
           f"{machine['transformers']}, trl {machine['trl']}; {args.steps} steps per case")
     work = Path(tempfile.mkdtemp(prefix="refinery-bench-"))

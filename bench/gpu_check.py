@@ -30,12 +30,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from refinery.config import LoraArgs, MethodParams, PPOParams, QLoraArgs, TrainingArgs  # noqa: E402
-from refinery.modeling.methods import apply_method, get_method  # noqa: E402
-from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output  # noqa: E402
+from refinery.data.chat import chat_ids, render_example  # noqa: E402
 from refinery.data.packing import PadCollator  # noqa: E402
 from refinery.data.records import read_jsonl  # noqa: E402
+from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output  # noqa: E402
+from refinery.modeling.methods import apply_method, get_method  # noqa: E402
 from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows, score  # noqa: E402
-from refinery.data.chat import chat_ids, render_example  # noqa: E402
 from refinery.train.trainer import run_trainer  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.0)
@@ -133,7 +133,8 @@ def check_qlora_reward(model_dir: Path, work: Path) -> dict:
     a, b = score(merged, seqs, tok.pad_token_id), score(ref, seqs, tok.pad_token_id)
     diff = max(abs(x - y) for x, y in zip(a, b))
     return {"ok": losses[-1] < losses[0] and diff < 1e-3, "loss_first_last": [losses[0], losses[-1]],
-            "merged_vs_base_plus_adapter_max_abs_score_diff": diff, "pairs_per_second": round(len(rows) * 12 / summary.seconds, 2)}
+            "merged_vs_base_plus_adapter_max_abs_score_diff": diff,
+            "pairs_per_second": round(len(rows) * 12 / summary.seconds, 2)}
 
 
 def check_bf16_sft(model_dir: Path, work: Path) -> dict:
@@ -163,7 +164,7 @@ def check_ppo_cuda(model_dir: Path, work: Path) -> dict:
         table = emb @ torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(7)).to(emb.device)
         table = (table - table.mean()) / table.std()
 
-        def reward_fn(idx, rollout):  # dense, learnable rule reward (as tests/test_ppo.py), on the GPU
+        def reward_fn(idx, rollout, table=table):  # dense, learnable rule reward (as tests/test_ppo.py), on the GPU
             return (table[rollout.responses] * rollout.response_mask).sum(-1) / rollout.response_mask.sum(-1)
 
         cfg = PPOParams(steps=4, batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=5e-3, value_lr=5e-3,
