@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import metrics_table, publish_summary
 from refinery.atomic import atomic_dir
-from refinery.modeling.base_import import import_base
 from refinery.config import load_params
 from refinery.errors import UserError
 from refinery.evaluation.heldout import generate
+from refinery.modeling.base_import import import_base
 from refinery.modeling.manifest import build_manifest, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import count_parameters
-from refinery.ops.stage_cli import open_stage_record, refuse, run_name, stage_main, summary_markdown
+from refinery.ops.prefect_artifacts import metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
+from refinery.ops.stage_cli import open_stage_record, refuse, run_name, stage_main, summary_markdown
 
 SMOKE_PROMPT = "What is the capital of France?"
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import publish_summary
 from refinery.config import load_params
 from refinery.errors import UserError
+from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import fan_out_runner
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import open_stage_record, refuse, stage_main
-from refinery.ops.prefect_tasks import uncached_task
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
            "tokens_per_second", "eval_loss", "score", "score_before", "status")

@@ -22,14 +22,14 @@ import yaml
 from prefect import flow
 from prefect.states import Completed
 
-from refinery.ops.prefect_artifacts import publish_summary
 from refinery.atomic import atomic_write_json
 from refinery.config import load_params, set_dotted
-from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.errors import UserError, exit_on_user_error
+from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
+from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import child_env, close_unfinished
-from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
 from refinery.ops.prefect_tasks import uncached_task
+from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
 
 REPORT = Path("reports/pipeline/report.md")
 TIMING = Path("reports/pipeline-timing.json")  # beside, not inside, the report stage's DVC out

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.config import load_params
+from refinery.data.chat import prompt_ids
+from refinery.data.records import read_jsonl
 from refinery.errors import UserError
-from refinery.modeling.manifest import check_same_tokenizer
-from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
+from refinery.evaluation.stats import slope
 from refinery.modeling.loading import (
     full_weights_of,
     load_causal_lm,
@@ -26,20 +26,21 @@ from refinery.modeling.loading import (
     model_kind,
     to_compute_device,
 )
-from refinery.rlhf.policy_eval import decode_responses, evaluate_policy, rm_scores
-from refinery.rlhf.ppo_trainer import PPOTrainer, ppo_train_block
-from refinery.data.records import read_jsonl
-from refinery.data.chat import prompt_ids
+from refinery.modeling.manifest import check_same_tokenizer
+from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
+from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
-    open_stage_record,
     flow_run_namer,
+    open_stage_record,
     refuse,
     stage_main,
     summary_markdown,
 )
+from refinery.rlhf.policy_eval import decode_responses, evaluate_policy, rm_scores
+from refinery.rlhf.ppo_trainer import PPOTrainer, ppo_train_block
 from refinery.train.stage_io import StageInputs, save_stage_output
 from refinery.train.trainer import peak_memory_mb
-from refinery.ops.prefect_tasks import uncached_task
 
 
 @uncached_task
@@ -138,10 +139,16 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         else:
             sft_model, sft_ctx = ref_model, contextlib.nullcontext
         evaluation, table = evaluate_ppo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
-                                         job.val_prompts, cfg)
+                                         job.val_prompts, cfg, base.seed)
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
+        if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
+            trend = slope([x["reward_mean"] for x in h], seed=base.seed)
+            train["reward_slope"] = trend.as_dict()
+            reward_trend = trend.text()
+        else:
+            reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         metrics = {"train": train, "eval": evaluation}
         rec.write_metrics(metrics)
         rec.write_plot([{k: v for k, v in x.items()} for x in h], "train",
@@ -149,7 +156,11 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         rec.log_table(table, "eval_generations.json")
         lines = {"method": cfg.method, "reward (train)": f"{train['reward_first']:.3f} -> {train['reward_last']:.3f}",
                  "KL last / target": f"{train['kl_last']:.3f} / {cfg.target_kl}",
-                 "win rate vs SFT": f"{evaluation['win_rate_vs_sft']:.3f}",
+                 "win rate vs SFT [95% CI]": (f"{evaluation['win_rate']['estimate']:.3f} "
+                                              f"[{evaluation['win_rate']['ci_low']:.3f}, "
+                                              f"{evaluation['win_rate']['ci_high']:.3f}] n={evaluation['n']}, "
+                                              f"{evaluation['win_rate']['verdict']}"),
+                 "reward slope per step [95% CI]": reward_trend,
                  "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
                  "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
                                                  f"{evaluation['reference_score_sft']:.3f}"}

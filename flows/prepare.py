@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import publish_summary
 from refinery.atomic import atomic_dir, atomic_write_json
 from refinery.config import load_params
+from refinery.data.prepare import prepare_all
 from refinery.errors import UserError
 from refinery.modeling.loading import load_tokenizer
-from refinery.data.prepare import prepare_all
+from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.stage_cli import open_stage_record, refuse, stage_main, summary_markdown
 
 

@@ -7,36 +7,38 @@ from pathlib import Path
 
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.config import load_params
-from refinery.ops.distributed import world_size
+from refinery.data.records import read_jsonl
 from refinery.errors import UserError
+from refinery.evaluation.stats import bootstrap_mean, paired_difference
+from refinery.modeling.loading import full_weights_of, load_tokenizer
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
-from refinery.modeling.loading import full_weights_of, load_tokenizer
-from refinery.data.records import read_jsonl
-from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
+from refinery.ops.distributed import world_size
+from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
     flow_run_namer,
-    refuse,
     open_stage_record,
+    refuse,
     stage_main,
     summary_markdown,
 )
+from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
 from refinery.train.stage_io import StageInputs, save_stage_output, train_block
 from refinery.train.trainer import run_trainer
-from refinery.ops.prefect_tasks import uncached_task
 
 
 @uncached_task
-def evaluate_rm(model, rows, pad_id, cfg) -> dict:
+def evaluate_rm(model, rows, pad_id, cfg) -> tuple[dict, list[float]]:
     return evaluate_pairs(model, rows, pad_id, cfg.eval.batch_size, cfg.eval.buckets)
 
 
 @uncached_task
-def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress):
+def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress, val_rows=None):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin)[0]
+                       trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin,
+                       eval_dataset=val_rows)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +75,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data
     """A non-zero rank of a multi-process reward run: the same model and pairs, trained in step with rank 0."""
     job = load_inputs(params_dir, input_dir, data_dir, overrides)
     model = apply_method(job.model, job.cfg, "SEQ_CLS", input_dir, seed=job.base.seed)
-    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.checkpoint, job.base.seed, None, None)
+    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.checkpoint, job.base.seed, None, None, job.val)
 
 
 @flow(name="reward", flow_run_name=flow_run_namer("reward"))
@@ -90,25 +92,34 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
 
     with open_stage_record("reward", base, params, method=cfg.method, tags=job.lineage_tags("preferences")) as rec:
         rec.log_dataset(job.prefs / "train.jsonl", "preferences", context="training")
-        before = evaluate_rm(model, val, pad, cfg)
+        before, correct_before = evaluate_rm(model, val, pad, cfg)
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
         summary = train_rm(model, train, PairCollator(pad), cfg, job.checkpoint,
-                           base.seed, rec, Progress("reward"))
-        after = evaluate_rm(model, val, pad, cfg)
+                           base.seed, rec, Progress("reward"), val)
+        after, correct_after = evaluate_rm(model, val, pad, cfg)
         manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs,
                                      base.seed)
         t = cfg.training
         pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum * world_size()
-        metrics = {"eval": after, "before": before,
+        comparison = {"accuracy_change": paired_difference(correct_before, correct_after, seed=base.seed).as_dict(),
+                      "accuracy": bootstrap_mean(correct_after, null=0.5, seed=base.seed).as_dict()}
+        metrics = {"eval": after, "before": before, "comparison": comparison,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
-                                        pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3))}
+                                        pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3)),
+                   "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         rec.write_plot(after["calibration"], "calibration", x="bucket", ys=("accuracy",))
         rec.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
         lines = {"method": cfg.method, "accuracy": f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
+                 "accuracy [95% CI]": (f"{comparison['accuracy']['estimate']:.3f} [{comparison['accuracy']['ci_low']:.3f}, "
+                                       f"{comparison['accuracy']['ci_high']:.3f}] n={after['n']}"),
+                 "accuracy change": (f"{comparison['accuracy_change']['estimate']:+.3f} "
+                                     f"[{comparison['accuracy_change']['ci_low']:+.3f}, "
+                                     f"{comparison['accuracy_change']['ci_high']:+.3f}] "
+                                     f"{comparison['accuracy_change']['verdict']}"),
                  "mean margin": f"{before['margin']:.3f} -> {after['margin']:.3f}",
                  "pairs/s": metrics["train"]["pairs_per_second"], "params hash": hash_obj(params)[:12]}
         publish_summary("reward", summary_markdown("reward", "reward model", lines, rec.run_url, out_dir),

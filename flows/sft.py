@@ -6,26 +6,26 @@ from pathlib import Path
 
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import Progress, publish_summary
-from refinery.ops.distributed import world_size
-from refinery.errors import UserError
-from refinery.modeling.manifest import hash_obj
-from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
-from refinery.data.packing import PadCollator
 from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, load_task, mixture_probs
-from refinery.evaluation.sft_tasks import evaluate_tasks
+from refinery.data.packing import PadCollator
+from refinery.errors import UserError
+from refinery.evaluation.sft_tasks import compare_tasks, evaluate_tasks
+from refinery.modeling.manifest import hash_obj
+from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
+from refinery.ops.distributed import world_size
+from refinery.ops.prefect_artifacts import Progress, publish_summary
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
     checkpoint_dir,
     flow_run_namer,
-    refuse,
     open_stage_record,
+    refuse,
     stage_main,
     summary_markdown,
 )
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import run_trainer
-from refinery.ops.prefect_tasks import uncached_task
 
 
 @uncached_task
@@ -34,9 +34,9 @@ def evaluate_sft(model, tokenizer, val, metrics, cfg):
 
 
 @uncached_task
-def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens):
+def train_sft(model, rows, collate, cfg, ckpt, seed, rec, progress, count_tokens, val_rows=None):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       count_tokens=count_tokens, resumable=REGISTRY[cfg.method].resumable)[0]
+                       count_tokens=count_tokens, resumable=REGISTRY[cfg.method].resumable, eval_dataset=val_rows)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +48,14 @@ class SftInputs(StageInputs):
     counts: dict[str, int]           # task -> examples in those rows
     collate: PadCollator
     count_tokens: str                # "all" for packed rows, "non_padding" for padded ones
+
+    @property
+    def monitor_rows(self) -> list[dict]:
+        """The fixed validation slice monitored during training: the held-out examples of every task (the
+        ones the after-eval scores), one row each, response-only labels."""
+        n = self.cfg.eval.max_examples_per_task
+        return [dict(zip(("input_ids", "labels"), render_example(self.tokenizer, r["prompt"], r["response"])))
+                for records in self.val.values() for r in records[:n]]
 
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> SftInputs:
@@ -74,7 +82,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/dapt", dat
     job = load_inputs(params_dir, input_dir, data_dir, overrides)
     model = apply_method(job.model, job.cfg, "CAUSAL_LM", input_dir, seed=job.base.seed)
     train_sft.fn(model, job.rows, job.collate, job.cfg, checkpoint_dir(stage, job.params, job.input_hashes),
-                 job.base.seed, None, None, job.count_tokens)
+                 job.base.seed, None, None, job.count_tokens, job.monitor_rows)
 
 
 @flow(name="sft", flow_run_name=flow_run_namer("sft"))
@@ -95,21 +103,24 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         for task_name in cfg.tasks:
             rec.log_dataset(job.folder / task_name / "train.jsonl", f"sft/{task_name}", context="training")
         if cfg.eval.before:
-            before, samples_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+            before, samples_before, per_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         else:
-            before, samples_before = None, []
+            before, samples_before, per_before = None, [], None
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
               f"({100 * trainable / total:.3f}%); {len(job.rows)} rows, mixture share {share}")
         summary = train_sft(model, job.rows, job.collate, cfg, checkpoint_dir(stage, params, job.input_hashes), base.seed, rec,
-                            Progress(stage), job.count_tokens)
-        after, samples_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+                            Progress(stage), job.count_tokens, job.monitor_rows)
+        after, samples_after, per_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
+        comparison = compare_tasks(per_before, per_after, base.seed) if per_before else None
         metrics = {**({"before": before} if before else {}), "after": after,
+                   **({"comparison": comparison} if comparison else {}),
                    "train": train_block(cfg.method, summary, trainable, total, rows=len(job.rows),
                                         mixture_probability={k: round(v, 4) for k, v in job.probs.items()},
-                                        mixture_share=share, examples=sum(job.counts.values()))}
+                                        mixture_share=share, examples=sum(job.counts.values())),
+                   "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         before_score = (lambda k: before["tasks"][k]["score"]) if before else (lambda k: None)
@@ -121,14 +132,20 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         ref = before or after
         table = [{"task": k, "metric": v["metric"], "score_before": round(ref["tasks"][k]["score"], 4),
                   "score_after": round(v["score"], 4), "loss_before": round(ref["tasks"][k]["loss"], 4),
-                  "loss_after": round(v["loss"], 4), "share": share[k]} for k, v in after["tasks"].items()]
+                  "loss_after": round(v["loss"], 4), "n": v["n"],
+                  "score change [95% CI]": (f"{comparison[k]['score_change']['estimate']:+.3f} "
+                                            f"[{comparison[k]['score_change']['ci_low']:+.3f}, "
+                                            f"{comparison[k]['score_change']['ci_high']:+.3f}]") if comparison else "",
+                  "verdict": comparison[k]["score_change"]["verdict"] if comparison else "",
+                  "share": share[k]} for k, v in after["tasks"].items()]
         lines = {"method": cfg.method, "mean score": f"{ref['mean_score']:.3f} -> {after['mean_score']:.3f}",
                  "trainable": f"{trainable:,} ({100 * trainable / total:.3f}%)",
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12]}
         publish_summary(stage, summary_markdown(stage, "multi-task SFT", lines, rec.run_url, out_dir), table)
     for row in table:
         print(f"{stage}: {row['task']:<14} {row['metric']:<12} {row['score_before']:.3f} -> {row['score_after']:.3f}"
-              f"   loss {row['loss_before']:.3f} -> {row['loss_after']:.3f}   share {row['share']:.2f}")
+              f"   loss {row['loss_before']:.3f} -> {row['loss_after']:.3f}   share {row['share']:.2f}   n={row['n']}"
+              f"  {row['score change [95% CI]']} {row['verdict']}")
     return metrics
 
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from refinery.ops.prefect_artifacts import publish_summary
 from refinery.config import load_params
 from refinery.errors import UserError, exit_on_user_error
 from refinery.modeling.methods import check_stage_method
+from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import fan_out_runner
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
-from refinery.ops.prefect_tasks import uncached_task
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:

@@ -103,6 +103,10 @@ class TrainingArgs(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     save_steps: int = Field(10, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # validation-loss monitoring: every `eval_steps` steps the loss on a fixed validation slice is logged and
+    # the best checkpoint (lowest loss) becomes the stage's output; 0 turns it off (the last step is kept)
+    eval_steps: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(0, ge=0)  # stop after N evaluations without improvement; 0: never
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     # Processes for this stage (refinery/ops/distributed.py): >1 relaunches it under torchrun (DDP: gloo on CPU, nccl
@@ -244,7 +248,7 @@ class PPOParams(MethodParams):
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     whiten_rewards: bool = False
     reward_clip: float | None = Field(5.0, gt=0)
-    normalize_scores: bool = True            # running mean/std of reward-model scores
+    normalize_scores: bool = True            # scores and values through one (x - mean) / std, fixed at step 1
     missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response without EOS
     save_steps: int = Field(4, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
@@ -283,8 +287,9 @@ class CompareParams(Strict):
 
 class RegistryArgs(Strict):
     """Model registry: the PPO policy is registered as a new version; alias `champion` moves to it only when
-    its RM-judged win rate over its SFT policy is at least `min_win_rate` and not below the champion's, and
-    its reference agreement is at most `max_reference_drop` below the champion's; otherwise `challenger`."""
+    the 95% CI of its RM-judged win rate over its SFT policy lies above `min_win_rate`, and it is not
+    significantly worse than the champion (win rate; reference agreement by more than `max_reference_drop`);
+    otherwise `challenger` (refinery/ops/registry.py `decide`)."""
 
     enabled: bool = True
     model_name: str = "llm-refinery-policy"

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from refinery.config import AdapterArgs
 from refinery.modeling.bottleneck import (
     CONFIG_NAME,
     FORMAT,
@@ -23,7 +24,6 @@ from refinery.modeling.bottleneck import (
     save_adapters,
     trainable_adapter_state_dict,
 )
-from refinery.config import AdapterArgs
 
 HIDDEN, LAYERS, B = 32, 2, 8
 # one adapter: down = hidden*b + b = 32*8 + 8 = 264; up = b*hidden + hidden = 8*32 + 32 = 288 -> 552

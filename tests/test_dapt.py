@@ -10,10 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from flows.dapt import dapt_flow
 
-CONTRACT = {"before": {"eval_loss", "perplexity"}, "after": {"eval_loss", "perplexity"},
-            "train": {"method", "steps", "tokens_per_second", "peak_memory_mb", "trainable_params",
-                      "trainable_percent", "seconds"}}
-
 
 @pytest.fixture
 def dapt_project(project, prepared):
@@ -28,10 +24,13 @@ def run_dapt(method: str, **overrides):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_dapt_lowers_validation_loss(dapt_project, prefect_server, method):
     metrics = run_dapt(method, **({"training.lr": 0.02} if method == "lora" else {}))
-    on_disk = json.loads((dapt_project / "metrics" / "dapt.json").read_text())
+    from refinery.ops import metrics_contract
+
+    on_disk = json.loads((dapt_project / "reports" / "dapt" / "evaluation.json").read_text())  # the whole dict
     assert on_disk == json.loads(json.dumps(metrics))
-    for block, keys in CONTRACT.items():
-        assert keys <= set(on_disk[block]), block
+    metrics_contract.validate("dapt", on_disk)
+    headline = json.loads((dapt_project / "metrics" / "dapt.json").read_text())
+    assert headline == metrics_contract.headline("dapt", on_disk)
     assert on_disk["after"]["eval_loss"] < on_disk["before"]["eval_loss"] - 0.05
     assert on_disk["train"]["steps"] == 6 and on_disk["train"]["method"] == method
     assert 0 < on_disk["train"]["trainable_percent"] <= 100

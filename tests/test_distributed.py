@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from refinery.ops.distributed import launch_command
 from refinery.errors import UserError
+from refinery.ops.distributed import launch_command
 from tests.conftest import REPO
 
 # Same global batch (4 rows a step), same rows, same seed. The two runs differ only in how the batch is split

@@ -148,8 +148,13 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     sft_run = mlflow.get_run(children[children["tags.stage"] == "sft"].iloc[0]["run_id"])
     data_tags = [{t.key: t.value for t in d.tags} for d in sft_run.inputs.dataset_inputs]
     assert data_tags and all(t.get("dvc_md5") and t.get("mlflow.data.context") == "training" for t in data_tags)
-    champion = mlflow.pyfunc.load_model("models:/llm-refinery-policy@champion")  # the registered champion
-    out = champion.predict(["Which module defines `dumps`?"], params={"max_new_tokens": 4})
+    # the registered version carries the gate's decision; the tiny policy is rarely a significant win, so
+    # it may be `challenger`: load it by the alias it was given
+    version = max(mlflow.MlflowClient().search_model_versions("name='llm-refinery-policy'"), key=lambda v: int(v.version))
+    assert version.aliases and version.aliases[0] in ("champion", "challenger") and version.tags.get("alias_decision")
+    assert "win_rate_ci_low" in version.tags
+    policy = mlflow.pyfunc.load_model(f"models:/llm-refinery-policy@{version.aliases[0]}")
+    out = policy.predict(["Which module defines `dumps`?"], params={"max_new_tokens": 4})
     assert len(out) == 1 and isinstance(out[0], str)
 
     second = sh(f"{sys.executable} -m flows.pipeline", root, env)  # same server, nothing changed

@@ -6,8 +6,9 @@ import yaml
 
 from flows.pipeline import apply_overrides, select
 from flows.report import build_report
-from refinery.ops.dag import stage_order
 from refinery.errors import UserError
+from refinery.ops import metrics_contract
+from refinery.ops.dag import stage_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ def test_order_is_dvc_yaml_and_the_design():
     order = stage_order(REPO)
     assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     main = [s for s in order if s != "compare"]
-    assert main == ["base_model", "prepare", "dapt", "sft", "reward", "ppo", "report"]  # DESIGN.md's chain
+    assert main == ["base_model", "prepare", "dapt", "sft", "reward", "ppo", "report"]  # docs/DESIGN.md's stage map
     assert order.index("compare") > order.index("sft")
 
 
@@ -77,27 +78,83 @@ def test_overrides_keep_comments_and_are_validated(tmp_path, monkeypatch):
 
 
 def test_report_flags_over_optimisation():
-    ppo = {"train": {"reward_first": 0.1, "reward_last": 0.9, "kl_last": 1.0, "target_kl": 1.0, "steps": 3,
-                     "episodes_per_second": 1.0},
-           "eval": {"reward_policy": 2.0, "reward_sft": 1.0, "reference_score_policy": 0.1,
-                    "reference_score_sft": 0.5, "win_rate_vs_sft": 0.9, "kl": 2.0}}
+    ppo = metrics_contract.example("ppo")
+    ppo["train"].update({"reward_first": 0.1, "reward_last": 0.9, "kl_last": 1.0, "target_kl": 1.0, "steps": 3})
+    ppo["eval"].update({"reward_policy": 2.0, "reward_sft": 1.0, "reference_score_policy": 0.1,
+                        "reference_score_sft": 0.5, "win_rate_vs_sft": 0.9, "kl": 2.0})
+    metrics_contract.validate("ppo", ppo)
     text, _ = build_report({"ppo": ppo})
     assert "over-optimisation" in text and "0.9000" in text
     ppo["eval"]["reference_score_policy"] = 0.6
     assert "over-optimisation" not in build_report({"ppo": ppo})[0]
 
 
+def test_report_reads_only_what_the_contract_promises():
+    """The report builds from the smallest record each stage's contract allows (sft without `before`)."""
+    text, _ = build_report({stage: metrics_contract.example(stage) for stage in metrics_contract.CONTRACTS})
+    for section in ("## DAPT", "## SFT", "## Reward model", "## PPO", "## Method comparison"):
+        assert section in text
+
+
+def test_dvc_yaml_records_what_the_contract_says():
+    """metrics/<stage>.json is a DVC metric of a stage with a contract; its whole evaluation is a `cache: false`
+    out of that stage (compare's lies in its reports/compare out), and the report depends on those files."""
+    def entries(items):  # dvc.yaml's `- path` or `- path: {options}` -> {path: options}
+        return dict(next(iter(i.items())) if isinstance(i, dict) else (i, None) for i in items or [])
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        metrics = list(entries(spec.get("metrics")))
+        if name == "report":
+            assert not metrics
+            continue
+        assert metrics == [str(metrics_contract.metrics_path(name))], name
+        metrics_contract.contract_for(name)
+        outs = {k: v or {} for k, v in entries(spec["outs"]).items()}
+        full = str(metrics_contract.evaluation_path(name))
+        if name == "compare":
+            assert full.startswith(next(iter(outs)) + "/")
+        else:
+            assert outs[full].get("cache") is False, name
+    report_deps = stages["report"]["deps"]
+    for name in ("dapt", "sft", "reward", "ppo", "compare"):
+        assert str(metrics_contract.evaluation_path(name)) in report_deps, name
+
+
+def test_code_cites_only_the_repository_design():
+    """docs/DESIGN.md is the design; nothing cites a design document outside the repository."""
+    import re
+
+    assert (REPO / "docs/DESIGN.md").is_file()
+    for folder in ("refinery", "flows", "tests"):
+        for path in (REPO / folder).rglob("*.py"):
+            for m in re.finditer(r"([\w./-]*)DESIGN\.md", path.read_text()):
+                assert m.group(1) == "docs/", f"{path.relative_to(REPO)} cites {m.group(0)}, not docs/DESIGN.md"
+
+
 def test_champion_rule():
+    """Only a significant win becomes champion; a no-better policy stays challenger."""
     from refinery.config import RegistryArgs
     from refinery.ops.registry import decide
 
     args = RegistryArgs(min_win_rate=0.5, max_reference_drop=0.02)
-    good = {"win_rate_vs_sft": 0.7, "reference_score_policy": 0.40}
-    assert decide(good, None, args)[0] == "champion"
-    assert decide({**good, "win_rate_vs_sft": 0.4}, None, args)[0] == "challenger"
-    champ = {"win_rate_vs_sft": "0.6", "reference_score_policy": "0.45"}
-    assert decide(good, champ, args)[0] == "challenger"  # reference agreement fell by 0.05 > 0.02
-    assert decide({**good, "reference_score_policy": 0.44}, champ, args)[0] == "champion"
+
+    def ev(win, low, high, ref=0.40, ref_sft=0.40, ref_high=0.02):
+        return {"win_rate_vs_sft": win, "reference_score_policy": ref, "reference_score_sft": ref_sft,
+                "win_rate": {"estimate": win, "ci_low": low, "ci_high": high, "n": 60},
+                "reference_score_change": {"estimate": ref - ref_sft, "ci_low": -0.05, "ci_high": ref_high}}
+
+    assert decide(ev(0.70, 0.58, 0.81), None, args)[0] == "champion"
+    verdict, why = decide(ev(0.60, 0.47, 0.72), None, args)  # a point estimate above 0.5 is not enough
+    assert verdict == "challenger" and "CI lower bound" in why and "n=60" in why
+    assert decide(ev(0.50, 0.38, 0.62), None, args)[0] == "challenger"  # no better than SFT
+    champ = {"win_rate_vs_sft": "0.80", "reference_score_policy": "0.45"}
+    assert decide(ev(0.65, 0.55, 0.76), champ, args)[0] == "challenger"  # significantly below the champion's 0.80
+    assert decide(ev(0.70, 0.58, 0.81, ref_high=0.05), champ, args)[0] == "champion"  # within noise of the champion
+    # reference agreement: CI upper bound 0.40 + 0.0 < 0.45 - 0.02 -> significantly worse
+    assert decide(ev(0.70, 0.58, 0.81, ref_high=0.0), champ, args)[0] == "challenger"
+    # a record from before CIs: the point estimates stand in
+    assert decide({"win_rate_vs_sft": 0.7, "reference_score_policy": 0.4}, None, args)[0] == "champion"
 
 
 def test_prefect_yaml_deployments_point_at_real_flows():

@@ -6,9 +6,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from refinery.config import PPOParams
+from refinery.data.chat import chat_ids
 from refinery.modeling.loading import load_tokenizer
 from refinery.rlhf.ppo_trainer import PPOTrainer
-from refinery.data.chat import chat_ids
 
 # A random tiny model's logits are almost flat; sampling at temperature 0.1 (used consistently in the PPO
 # log-probs) gives the policy a distribution it can tilt within a few steps.

@@ -5,19 +5,19 @@ import pytest
 
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
+from refinery.data.prepare import prepare_all, split_of
 from refinery.errors import UserError
 from refinery.modeling.loading import load_tokenizer
-from refinery.data.prepare import prepare_all, split_of
 
 
 def test_demo_data_prepared(prepared):
     report_sets = {p.parent.relative_to(prepared).as_posix() for p in prepared.rglob("train.jsonl")}
     assert report_sets == {"corpus", "preferences", "prompts", "sft/summarize", "sft/which_module", "sft/explain_topic"}
     for split in prepared.rglob("*.jsonl"):
-        ids = [json.loads(l)["id"] for l in split.read_text().splitlines()]
+        ids = [json.loads(line)["id"] for line in split.read_text().splitlines()]
         assert ids and len(ids) == len(set(ids))
-    train = {json.loads(l)["id"] for l in (prepared / "corpus/train.jsonl").read_text().splitlines()}
-    val = {json.loads(l)["id"] for l in (prepared / "corpus/validation.jsonl").read_text().splitlines()}
+    train = {json.loads(line)["id"] for line in (prepared / "corpus/train.jsonl").read_text().splitlines()}
+    val = {json.loads(line)["id"] for line in (prepared / "corpus/validation.jsonl").read_text().splitlines()}
     assert not train & val and len(val) > 0
 
 

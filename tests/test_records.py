@@ -3,17 +3,17 @@ import json
 
 import pytest
 
-from refinery.errors import UserError
 from refinery.data.records import SCHEMAS, check_record, load_valid
+from refinery.errors import UserError
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import strategies as st  # noqa: E402
 
 
 def jsonl(tmp_path, lines, name="d.jsonl"):
     p = tmp_path / name
-    p.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines))
+    p.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
     return p
 
 

@@ -33,7 +33,7 @@ SMALL = {"training.max_steps": 8, "training.batch_size": 8, "training.lr": 0.003
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_reward_stage(reward_project, prefect_server, method):
     metrics = reward_flow(overrides={**SMALL, "method": method})
-    on_disk = json.loads((reward_project / "metrics" / "reward.json").read_text())
+    on_disk = json.loads((reward_project / "reports" / "reward" / "evaluation.json").read_text())
     assert {"accuracy", "margin"} <= set(on_disk["eval"]) and "pairs_per_second" in on_disk["train"]
     assert 0 <= on_disk["eval"]["accuracy"] <= 1 and len(on_disk["eval"]["calibration"]) == 4
     history = metrics["train"]
@@ -61,7 +61,7 @@ def test_ppo_stage_on_tiny_models(reward_project, prefect_server):
     reward_flow(overrides={**SMALL, "method": "lora"})
     metrics = ppo_flow(overrides={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6,
                                   "eval_prompts": 4, "eval_max_new_tokens": 6, "save_steps": 1})
-    on_disk = json.loads((reward_project / "metrics" / "ppo.json").read_text())
+    on_disk = json.loads((reward_project / "reports" / "ppo" / "evaluation.json").read_text())
     for key in ("reward_first", "reward_last", "kl_last", "steps", "episodes_per_second", "peak_memory_mb"):
         assert key in on_disk["train"], key
     for key in ("reward_policy", "reward_sft", "win_rate_vs_sft", "reference_score_policy", "reference_score_sft", "kl"):

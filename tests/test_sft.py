@@ -7,20 +7,20 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from flows.sft import sft_flow
-from refinery.modeling.loading import load_tokenizer
-from refinery.data.packing import IGNORE
 from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, mixture_probs, sample_mixture
+from refinery.data.packing import IGNORE
 from refinery.evaluation.text_metrics import exact_match, rouge_l, token_f1
+from refinery.modeling.loading import load_tokenizer
 
 
 def test_loss_is_on_the_response_only(tiny_base):
     tok = load_tokenizer(tiny_base)
     ids, labels = render_example(tok, "Which module defines `dumps`?", "json")
-    learned = [t for t, l in zip(ids, labels) if l != IGNORE]
+    learned = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     assert tok.decode(learned).strip() == "json<|im_end|>"  # the answer and its end of turn, nothing else
-    first = labels.index(next(l for l in labels if l != IGNORE))
-    assert all(l == IGNORE for l in labels[:first]) and "dumps" in tok.decode(ids[:first])
+    first = labels.index(next(lab for lab in labels if lab != IGNORE))
+    assert all(lab == IGNORE for lab in labels[:first]) and "dumps" in tok.decode(ids[:first])
     assert labels[first:] == ids[first:]
 
 
@@ -63,7 +63,7 @@ SMALL = {"training.max_steps": 6, "training.batch_size": 4, "block_size": 256, "
 
 def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server):
     metrics = sft_flow(overrides={**SMALL, "method": "full", "training.lr": 0.003})
-    on_disk = json.loads((sft_project / "metrics" / "sft.json").read_text())
+    on_disk = json.loads((sft_project / "reports" / "sft" / "evaluation.json").read_text())
     assert set(on_disk["before"]["tasks"]) == set(on_disk["after"]["tasks"]) == {"summarize", "which_module",
                                                                                  "explain_topic"}
     for task, after in on_disk["after"]["tasks"].items():
@@ -76,8 +76,8 @@ def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server):
 
 
 def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):
-    from refinery.modeling.bottleneck import add_adapters, save_adapters
     from refinery.config import AdapterArgs
+    from refinery.modeling.bottleneck import add_adapters, save_adapters
 
     dapt = sft_project / "models" / "dapt"
     model = add_adapters(AutoModelForCausalLM.from_pretrained(dapt), AdapterArgs(bottleneck=4))
@@ -89,8 +89,8 @@ def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):
 
 
 def test_rl_stages_start_from_the_base_of_a_non_mergeable_sft(sft_project):
-    from refinery.modeling.bottleneck import add_adapters, save_adapters
     from refinery.config import AdapterArgs
+    from refinery.modeling.bottleneck import add_adapters, save_adapters
     from refinery.modeling.loading import full_weights_of
 
     sft = sft_project / "models" / "sft"

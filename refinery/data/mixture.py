@@ -5,8 +5,8 @@ import random
 from pathlib import Path
 
 from refinery.data.packing import pack_examples
-from refinery.errors import UserError
 from refinery.data.records import read_jsonl
+from refinery.errors import UserError
 
 
 def load_task(folder: Path, task: str, split: str) -> list[dict]:

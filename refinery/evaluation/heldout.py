@@ -4,27 +4,40 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from refinery.data.chat import prompt_ids
 from refinery.data.packing import IGNORE, pad_with_mask
 
 
 @torch.no_grad()
-def eval_loss(model, rows: list[dict], batch_size: int, max_batches: int, collate) -> dict[str, float]:
-    """Mean NLL per predicted token over up to `max_batches` batches (weighted by tokens, not batches)."""
+def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, collate) -> tuple[dict[str, float], list[float]]:
+    """({"eval_loss", "perplexity", "eval_tokens"}, mean NLL per predicted token of each row) over up to
+    `max_batches` batches. The summary is weighted by tokens, not batches; the per-row losses are what a
+    paired bootstrap resamples (refinery/evaluation/stats.py)."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, per_row = 0.0, 0, []
     for i in range(0, min(len(rows), batch_size * max_batches), batch_size):
         batch = collate(rows[i:i + batch_size])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        n = int(mask.sum())
         if n == 0:
             continue
         out = model(**batch, use_cache=False)
         total += float(out.loss) * n
         count += n
+        nll = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        tokens = mask.sum(-1)
+        per_row += [float(x) for x in ((nll * mask).sum(-1) / tokens.clamp(min=1))[tokens > 0]]
     loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}, per_row
+
+
+def eval_loss(model, rows: list[dict], batch_size: int, max_batches: int, collate) -> dict[str, float]:
+    """Mean NLL per predicted token over up to `max_batches` batches (weighted by tokens, not batches)."""
+    return row_losses(model, rows, batch_size, max_batches, collate)[0]
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from refinery.modeling import bottleneck
-from refinery.errors import UserError
 from refinery.config import MethodParams
+from refinery.errors import UserError
+from refinery.modeling import bottleneck
 from refinery.modeling.methods import REGISTRY, quantization_kwargs
 
 

@@ -98,7 +98,8 @@ def verify(folder: str | Path) -> tuple[bool, str]:
         return False, f"{folder}: no {MANIFEST}"
     actual = hash_path(folder)
     if actual != manifest.get("output_hash"):
-        return False, f"{folder}: contents changed since the manifest was written ({actual[:12]} != {manifest.get('output_hash', '')[:12]})"
+        recorded = manifest.get("output_hash", "")[:12]
+        return False, f"{folder}: contents changed since the manifest was written ({actual[:12]} != {recorded})"
     return True, f"{folder}: matches its manifest ({actual[:12]}, stage {manifest.get('stage')})"
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
 import torch
 
 from refinery.config import MethodParams
 from refinery.errors import UserError
 from refinery.modeling.method_specs import REGISTRY, Method, methods_for
-
-
 
 
 def get_method(params: MethodParams, source: str) -> Method:

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from refinery.data.chat import prompt_ids
 from refinery.errors import UserError, exit_on_user_error
 from refinery.evaluation.heldout import generate_batch
 from refinery.modeling.loading import load_tokenizer
-from refinery.data.chat import prompt_ids
 
 
 class MultiAdapterModel:

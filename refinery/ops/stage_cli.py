@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from refinery.errors import UserError
-from refinery.ops.health import server_answers
 from refinery.modeling.manifest import git_commit, hash_obj
+from refinery.ops.health import server_answers
 
 BAD_INPUT = "BadInput"
 
@@ -147,9 +147,9 @@ def stage_main(flow_fn, stage: str | None, worker=None):
     import inspect
 
     from refinery.config import load_params
-    from refinery.ops.distributed import is_worker_rank, relaunch, world_size
     from refinery.errors import exit_on_user_error
     from refinery.modeling.methods import check_stage_method
+    from refinery.ops.distributed import is_worker_rank, relaunch, world_size
 
     name = stage or flow_fn.name
 

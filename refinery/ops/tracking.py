@@ -1,5 +1,6 @@
-"""One record per stage run: an MLflow run, `metrics/<stage>.json` and `plots/<stage>/`, written from the
-same numbers by the same code, so the three views agree.
+"""One record per stage run: an MLflow run, `metrics/<stage>.json` (the headline numbers),
+`reports/<stage>/evaluation.json` (the whole evaluation) and `plots/<stage>/`, written from the same numbers
+by the same code, so the views agree. What each stage must record: refinery/ops/metrics_contract.py.
 
 MLflow is logged explicitly (transformers 5 defaults `report_to` to none, and MLflow's autolog is not
 tested on transformers 5). With no MLFLOW_TRACKING_URI, the store is `sqlite:///mlflow.db` in the
@@ -13,12 +14,13 @@ import logging
 import os
 import re
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from refinery.atomic import atomic_write_json
 from refinery.errors import UserError
+from refinery.ops import metrics_contract
+from refinery.ops.health import server_answers
 
 log = logging.getLogger("refinery.tracking")
 SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.I)
@@ -48,20 +50,12 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def _reachable(uri: str, timeout: float = 5.0) -> bool:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            return resp.status < 500
-    except Exception:
-        return False
-
-
 def configure_mlflow(root: Path, on_unreachable: str) -> str:
     """Point MLflow at the configured store; an unreachable server fails fast (or falls back, if asked)."""
     import mlflow
 
     uri = tracking_uri(root)
-    if uri.startswith(("http://", "https://")) and not _reachable(uri):
+    if uri.startswith(("http://", "https://")) and not server_answers(uri):
         shown = URI_CREDENTIALS.sub(r"\1\2:***@", uri)
         if on_unreachable == "error":
             raise UserError(f"MLflow tracking server {shown} is unreachable (set tracking.on_server_unreachable: "
@@ -166,12 +160,12 @@ class StageRecord:
     def log_dataset(self, jsonl: Path, name: str, context: str) -> None:
         """A prepared data set as an MLflow dataset input (its digest is MLflow's content hash), tagged with
         DVC's md5 of the output holding it when dvc.lock has one (a stage's inputs: the data it trained on)."""
-        from refinery.ops.dag import locked_out_hash
-
         import warnings
 
         import mlflow
         import pandas as pd
+
+        from refinery.ops.dag import locked_out_hash
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -195,12 +189,20 @@ class StageRecord:
 
     # -- the DVC side: metrics json and plots csv ---------------------------------------------------
     def write_metrics(self, metrics: dict) -> Path:
-        path = self.root / "metrics" / f"{self.stage}.json"
-        atomic_write_json(path, metrics)
+        """The stage's whole evaluation, checked against its contract (refinery/ops/metrics_contract.py; a
+        broken contract raises MetricsContractError before anything is written), then recorded three ways:
+        the headline keys to metrics/<stage>.json (DVC metrics), the whole dict to
+        reports/<stage>/evaluation.json, every number to the MLflow run. Returns the metrics/<stage>.json path."""
+        metrics_contract.validate(self.stage, metrics)
+        full = metrics_contract.evaluation_path(self.stage, self.root)
+        atomic_write_json(full, metrics)
+        path = metrics_contract.metrics_path(self.stage, self.root)
+        atomic_write_json(path, metrics_contract.headline(self.stage, metrics))
         numeric = {k: float(v) for k, v in flatten(metrics).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._call("log_metrics", numeric)
         self.log_artifact(path)
+        self.log_artifact(full)
         return path
 
     def write_plot(self, rows: list[dict], name: str, x: str = "step", ys: tuple[str, ...] = ("loss",)) -> Path:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from refinery.rlhf.ppo_math import logprobs_from_logits
+from refinery.evaluation.stats import paired_difference, win_rate
+from refinery.evaluation.text_metrics import METRICS
 from refinery.rlhf.rollout import response_logits, sample
 from refinery.train.reward_model import render, score
-from refinery.evaluation.text_metrics import METRICS
 
 
 def decode_responses(tokenizer, r) -> list[str]:
@@ -22,10 +22,20 @@ def rm_scores(reward_model, tokenizer, prompts: list[str], answers: list[str], m
 
 
 @torch.no_grad()
+def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) at each response position [B, R], summed over the whole vocabulary (not the
+    log-ratio of the sampled or greedy token, which is a one-sample estimate)."""
+    logp = torch.log_softmax(policy_logits.float(), -1)
+    logq = torch.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.no_grad()
 def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, records: list[dict],
-                    prompt_ids: list[list[int]], cfg) -> tuple[dict, list[dict]]:
+                    prompt_ids: list[list[int]], cfg, seed: int = 0) -> tuple[dict, list[dict]]:
     """`sft_model` inside `sft_context()` is the SFT policy: the LoRA policy with its adapter disabled
-    (weights held once), or a separate frozen copy with a null context."""
+    (weights held once), or a separate frozen copy with a null context. Win rate, RM-score change and
+    reference-agreement change come with n, a 95% bootstrap CI over prompts and a verdict."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     def greedy(model):
@@ -37,20 +47,23 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
     prompts = [r["prompt"] for r in records]
     a_pol, a_sft = decode_responses(tokenizer, r_pol), decode_responses(tokenizer, r_sft)
     s_pol, s_sft = rm_scores(reward_model, tokenizer, prompts, a_pol), rm_scores(reward_model, tokenizer, prompts, a_sft)
-    wins = ((s_pol > s_sft).float() + 0.5 * (s_pol == s_sft).float()).mean()
-    lp = logprobs_from_logits(response_logits(policy, r_pol), r_pol.responses)
+    wins = win_rate(s_pol.tolist(), s_sft.tolist(), seed=seed)
+    policy_logits = response_logits(policy, r_pol)
     with sft_context():
-        lp_ref = logprobs_from_logits(response_logits(sft_model, r_pol), r_pol.responses)
-    kl = float(((lp - lp_ref) * r_pol.response_mask).sum(-1).mean())
+        ref_logits = response_logits(sft_model, r_pol)
+    kl_per_prompt = (exact_kl(policy_logits, ref_logits) * r_pol.response_mask).sum(-1)
 
-    def ref_score(answers):
-        vals = [METRICS[cfg.reference_metrics.get(r.get("task", ""), "rouge_l")](a, r["reference"])
+    def ref_scores(answers):
+        return [METRICS[cfg.reference_metrics.get(r.get("task", ""), "rouge_l")](a, r["reference"])
                 for a, r in zip(answers, records)]
-        return sum(vals) / len(vals)
 
-    result = {"reward_policy": float(s_pol.mean()), "reward_sft": float(s_sft.mean()), "win_rate_vs_sft": float(wins),
-              "reference_score_policy": ref_score(a_pol), "reference_score_sft": ref_score(a_sft), "kl": kl,
-              "n": len(records)}
+    ref_pol, ref_sft = ref_scores(a_pol), ref_scores(a_sft)
+    result = {"reward_policy": float(s_pol.mean()), "reward_sft": float(s_sft.mean()), "win_rate_vs_sft": wins.estimate,
+              "reference_score_policy": sum(ref_pol) / len(ref_pol), "reference_score_sft": sum(ref_sft) / len(ref_sft),
+              "kl": float(kl_per_prompt.mean()), "n": len(records),
+              "win_rate": wins.as_dict(),
+              "reward_change": paired_difference(s_sft.tolist(), s_pol.tolist(), seed=seed).as_dict(),
+              "reference_score_change": paired_difference(ref_sft, ref_pol, seed=seed).as_dict()}
     table = [{"prompt": p[:300], "reference": r["reference"], "ppo": a, "sft": b, "rm_ppo": round(float(x), 3),
               "rm_sft": round(float(y), 3)} for p, r, a, b, x, y in zip(prompts, records, a_pol, a_sft, s_pol, s_sft)]
     return result, table

@@ -35,30 +35,6 @@ from refinery.rlhf.rollout import Rollout, policy_stats, sample, values
 RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, rollout) -> raw scores [B]
 
 
-class RunningMoments:
-    """Running mean/std of reward scores (Welford), for score normalisation across steps."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, xs: torch.Tensor) -> None:
-        for x in xs.tolist():
-            self.n += 1
-            d = x - self.mean
-            self.mean += d / self.n
-            self.m2 += d * (x - self.mean)
-
-    @property
-    def std(self) -> float:
-        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.n, self.mean, self.m2 = s["n"], s["mean"], s["m2"]
-
-
 @dataclass
 class PPOState:
     step: int = 0
@@ -79,6 +55,46 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
+def disable_dropout(*models) -> None:
+    """Dropout off in every PPO model (as TRL's PPO did): log-probs, values and KL must be those of the
+    policy that sampled, not of a random sub-network; LoRA's own dropout included."""
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            # attention dropout is functional (F.scaled_dot_product_attention's dropout_p), read from the
+            # attention module's attribute, which it copied from the config at build time
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+            config = getattr(module, "config", None)
+            for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+                if isinstance(getattr(config, key, None), float):
+                    setattr(config, key, 0.0)
+
+
+@dataclass
+class ScoreScale:
+    """One affine map for reward-model scores and for the value model's outputs: score' = (score - bias) /
+    gain, fixed on the first step's rollouts of the (still SFT) policy. The value model starts as the reward
+    model, so it predicts raw scores; putting both through the same map keeps values and returns on one scale
+    (a raw-scale value bias against normalised returns makes the whitened advantage depend on the position,
+    not on the score). Identity when `normalize_scores` is off."""
+
+    bias: float = 0.0
+    gain: float = 1.0
+    fitted: bool = False
+
+    def fit(self, raw: torch.Tensor) -> None:
+        self.bias = float(raw.mean())
+        self.gain = max(float(raw.std()), 1e-6) if raw.numel() > 1 else 1.0
+        self.fitted = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.bias) / self.gain
+
+
 class PPOTrainer:
     def __init__(self, cfg: PPOParams, policy, value_model, reward_fn: RewardFn, prompts: list[list[int]],
                  tokenizer, ckpt_dir: Path, seed: int, ref_model=None, record=None, progress=None,
@@ -88,7 +104,8 @@ class PPOTrainer:
         self.ref_model, self.record, self.progress, self.on_step = ref_model, record, progress, on_step
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.kl_ctl = make_kl_controller(cfg.kl_controller, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.moments = RunningMoments()
+        self.scale = ScoreScale()
+        disable_dropout(policy, value_model, ref_model)
         self.opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
         self.opt_value = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr)
         self.order_rng = random.Random(seed)
@@ -104,6 +121,11 @@ class PPOTrainer:
         with self.policy.disable_adapter():
             return policy_stats(self.policy, r, self.cfg.temperature)[0]
 
+    def value_of(self, r: Rollout) -> torch.Tensor:
+        """Per-token values on the scores' scale."""
+        v = values(self.value_model, r)
+        return self.scale(v) if self.cfg.normalize_scores else v
+
     def next_prompts(self) -> list[int]:
         out = []
         while len(out) < self.cfg.batch_size:
@@ -117,8 +139,7 @@ class PPOTrainer:
         if self.cfg.missing_eos_penalty is not None:
             scores = scores - self.cfg.missing_eos_penalty * (~r.has_eos).float()
         if self.cfg.normalize_scores:
-            self.moments.update(scores)
-            scores = (scores - self.moments.mean) / max(self.moments.std, 1e-6)
+            scores = self.scale(scores)
         if self.cfg.reward_clip is not None:
             scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return scores
@@ -133,8 +154,10 @@ class PPOTrainer:
         with torch.no_grad():
             old_logprobs, _ = policy_stats(self.policy, r, cfg.temperature)
             ref_logprobs = self.ref_logprobs(r)
-            old_values = values(self.value_model, r)
             raw = self.reward_fn(idx, r).float()
+            if cfg.normalize_scores and not self.scale.fitted:
+                self.scale.fit(raw)
+            old_values = self.value_of(r)
         scores = self.shape_scores(raw, r)
         kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
         rewards, non_score = per_token_rewards(scores, kl, self.kl_ctl.value, mask)
@@ -154,7 +177,7 @@ class PPOTrainer:
                 mb = perm[start:start + cfg.mini_batch_size]
                 sub, m = r.select(mb), mask[mb]
                 logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
-                vpred = values(self.value_model, sub)
+                vpred = self.value_of(sub)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
                                                                    cfg.clip_range)
                 vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
@@ -218,10 +241,14 @@ class PPOTrainer:
         tmp.mkdir()
         save_file(trainable_state(self.policy), tmp / "policy.safetensors")
         save_file(trainable_state(self.value_model), tmp / "value.safetensors")
-        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # sampling on the GPU draws from the CUDA generators
+            rng.update({f"cuda_rng_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, tmp / "rng.safetensors")
         torch.save({"policy": self.opt_policy.state_dict(), "value": self.opt_value.state_dict()}, tmp / "optim.pt")
         state = {"step": self.state.step, "history": self.state.history, "kl_controller": self.kl_ctl.state_dict(),
-                 "moments": self.moments.state_dict(), "order": self._order,
+                 "score_scale": {"bias": self.scale.bias, "gain": self.scale.gain, "fitted": self.scale.fitted},
+                 "order": self._order,
                  "order_rng": _rng_to_json(self.order_rng.getstate())}
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -246,11 +273,15 @@ class PPOTrainer:
         optim = torch.load(path / "optim.pt", weights_only=True)  # our own file; tensors and plain types only
         self.opt_policy.load_state_dict(optim["policy"])
         self.opt_value.load_state_dict(optim["value"])
-        torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
+        rng = load_file(path / "rng.safetensors")
+        torch.set_rng_state(rng["torch_rng"])
+        cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda_rng_")), key=lambda k: int(k[9:]))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
         state = json.loads((path / "state.json").read_text())
         self.state = PPOState(step=state["step"], history=state["history"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.moments.load_state_dict(state["moments"])
+        self.scale = ScoreScale(**state["score_scale"])
         self._order = state["order"]
         self.order_rng.setstate(_rng_from_json(state["order_rng"]))
         self.resumed_from = step

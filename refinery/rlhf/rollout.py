@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from refinery.data.packing import pad_with_mask
 from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
@@ -42,10 +43,9 @@ def sample(policy, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_t
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     policy.eval()
-    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
-                                                   "top_k": top_k or None, "top_p": top_p}
-    out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                          eos_token_id=eos_id, **kwargs)
+    out = policy.generate(input_ids=ids, attention_mask=mask,
+                          generation_config=sampling_config(max_new_tokens, pad_id, eos_id, temperature, top_k, top_p,
+                                                            greedy))
     width = ids.shape[1]
     resp = out[:, width:]
     if resp.shape[1] == 0:
@@ -60,6 +60,23 @@ def sample(policy, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_t
     seq = out.clone()
     seq[:, width:][response_mask == 0] = pad_id
     return Rollout(seq, attention, response_mask, width, has_eos)
+
+
+def sampling_config(max_new_tokens: int, pad_id: int, eos_id: int, temperature: float, top_k: int, top_p: float,
+                    greedy: bool = False) -> GenerationConfig:
+    """The complete generation config of a rollout, built here rather than merged with the model's own
+    generation_config.json: a repetition_penalty, min_new_tokens or no_repeat_ngram_size there would change
+    the distribution the tokens are drawn from, while PPO scores them under the plain (temperature-scaled)
+    policy. So the sampled policy is the scored policy."""
+    # transformers fills every field left None from the model's generation_config.json: state each
+    # logits processor's neutral value so none can come from there
+    neutral = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   min_new_tokens=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_k=0, top_p=1.0,
+                   temperature=1.0, renormalize_logits=False)
+    if not greedy:
+        neutral.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
+                            eos_token_id=eos_id, **neutral)
 
 
 def response_logits(model, r: Rollout) -> torch.Tensor:

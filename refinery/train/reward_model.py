@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from refinery.modeling.loading import load_scalar_model
 from refinery.data.chat import conversation_ids
 from refinery.data.packing import pad_with_mask
+from refinery.modeling.loading import load_scalar_model
 
 
 def render(tokenizer, prompt: str, answer: str, max_length: int) -> list[int]:
@@ -60,6 +60,14 @@ class BradleyTerryTrainer(Trainer):
         loss = bradley_terry_loss(r_chosen, r_rejected, self.margin)
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation loss = the Bradley-Terry loss on held-out pairs (the batches carry no `labels`, so
+        Trainer's default would compute no loss)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
 
 def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None):
     """A scalar-head model on the SFT weights (4-bit base when `method` is qlora); the new head seeded."""
@@ -79,9 +87,9 @@ def score(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8) -> lis
     return out
 
 
-def evaluate_pairs(model, rows: list[dict], pad_id: int, batch_size: int, buckets: int) -> dict:
-    """Accuracy, mean margin, accuracy per task, and calibration: accuracy by |margin| quantile bucket
-    (a calibrated model is more often right when it is more confident)."""
+def evaluate_pairs(model, rows: list[dict], pad_id: int, batch_size: int, buckets: int) -> tuple[dict, list[float]]:
+    """(accuracy, mean margin, accuracy per task, and calibration: accuracy by |margin| quantile bucket (a
+    calibrated model is more often right when it is more confident); 1.0/0.0 per pair, for paired tests)."""
     rc = score(model, [r["chosen"] for r in rows], pad_id, batch_size)
     rr = score(model, [r["rejected"] for r in rows], pad_id, batch_size)
     margins = [c - r for c, r in zip(rc, rr)]
@@ -100,4 +108,4 @@ def evaluate_pairs(model, rows: list[dict], pad_id: int, batch_size: int, bucket
         by_task.setdefault(r["task"] or "all", []).append(c)
     return {"accuracy": sum(correct) / len(correct), "margin": sum(margins) / len(margins),
             "n": len(rows), "calibration": calibration,
-            "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
+            "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}, [float(c) for c in correct]

@@ -6,15 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
+from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
 from refinery.modeling.manifest import build_manifest, hash_path, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import get_method
-from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
+from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import checkpoint_dir
 from refinery.train.trainer import TrainSummary
-from refinery.ops.prefect_tasks import uncached_task
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from refinery.config import TrainingArgs
@@ -56,6 +56,10 @@ class RecordCallback(TrainerCallback):
         self._t = self._tokens = None
         self.rates: dict[int, float] = {}
 
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.record is not None and metrics and "eval_loss" in metrics:
+            self.record.log_step(state.global_step, {"validation_loss": metrics["eval_loss"]})
+
     def on_train_begin(self, args, state, control, **kw):
         self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
@@ -92,12 +96,27 @@ class TrainSummary:
     peak_memory_mb: float
     resumed_from: int | None
     history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)  # [{"step", "validation_loss"}] when monitored
+    best_step: int | None = None      # the step whose weights the stage keeps (validation monitored)
+    stopped_early: bool = False
+
+    def selection(self, targs: TrainingArgs) -> dict:
+        """The `early_stopping` block of metrics/<stage>.json: the step chosen and why."""
+        if not self.validation:
+            return {"monitored": False, "why": "validation monitoring off (training.eval_steps = 0): the last step is kept"}
+        best = min(self.validation, key=lambda v: v["validation_loss"])
+        why = (f"lowest validation loss {best['validation_loss']:.4f} at step {best['step']} of "
+               f"{len(self.validation)} evaluations every {targs.eval_steps} steps")
+        if self.stopped_early:
+            why += f"; stopped at step {self.steps} after {targs.early_stopping_patience} without improvement"
+        return {"monitored": True, "best_step": self.best_step, "best_validation_loss": best["validation_loss"],
+                "stopped_early": self.stopped_early, "evaluations": len(self.validation), "why": why}
 
 
 def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tokens: str = "all",
                        **extra) -> TrainingArguments:
     """count_tokens: "all" for packed rows (no padding to skip), "non_padding" for padded batches."""
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(ckpt_dir), max_steps=targs.max_steps,
         per_device_train_batch_size=targs.batch_size, gradient_accumulation_steps=targs.grad_accum,
         learning_rate=targs.lr, weight_decay=targs.weight_decay, warmup_steps=targs.warmup_ratio,
@@ -106,14 +125,29 @@ def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tok
         save_total_limit=targs.keep_checkpoints, seed=seed, data_seed=seed, report_to="none",
         bf16=targs.precision == "bf16", fp16=targs.precision == "fp16", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, include_num_input_tokens_seen=count_tokens,
-        activation_checkpointing=targs.gradient_checkpointing, disable_tqdm=False, **extra,
+        activation_checkpointing=targs.gradient_checkpointing, disable_tqdm=False,
     )
+    return TrainingArguments(**{**kwargs, **extra})
+
+
+def monitoring_arguments(targs: TrainingArgs) -> dict:
+    """TrainingArguments for validation-loss monitoring: evaluate every `eval_steps`, save on the same
+    steps (Trainer keeps the best checkpoint only among saved ones) and load the best at the end."""
+    if targs.eval_steps == 0:
+        return {}
+    return {"eval_strategy": "steps", "eval_steps": targs.eval_steps, "save_steps": targs.eval_steps,
+            "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
+            "per_device_eval_batch_size": targs.batch_size, "prediction_loss_only": True}
 
 
 def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: Path, seed: int,
                 record=None, progress=None, trainer_cls=Trainer, count_tokens: str = "all",
-                callbacks: list | None = None, resumable: bool = True, **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
-    """Train to `targs.max_steps`, resuming from the last complete checkpoint in `ckpt_dir` if any."""
+                callbacks: list | None = None, resumable: bool = True, eval_dataset=None,
+                **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
+    """Train to `targs.max_steps`, resuming from the last complete checkpoint in `ckpt_dir` if any. With
+    `targs.eval_steps` and an `eval_dataset` (a fixed validation slice), the validation loss is monitored,
+    training stops after `early_stopping_patience` evaluations without improvement, and the model returned
+    holds the best checkpoint's weights (transformers' load_best_model_at_end + EarlyStoppingCallback)."""
     if not resumable and ckpt_dir.exists():
         print(f"warning: this method's checkpoints cannot be resumed; starting over (removing {ckpt_dir})")
         shutil.rmtree(ckpt_dir)
@@ -122,8 +156,14 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     if hasattr(model, "config"):
         model.config.use_cache = False  # a KV cache disables the packed-sequence mask, and training needs none
     callback = RecordCallback(record, progress)
-    trainer = trainer_cls(model=model, args=training_arguments(targs, ckpt_dir, seed, count_tokens), train_dataset=train_dataset,
-                          data_collator=collator, callbacks=[callback, *(callbacks or [])], **trainer_kwargs)
+    monitored = targs.eval_steps > 0 and eval_dataset is not None
+    extra_callbacks = list(callbacks or [])
+    if monitored and targs.early_stopping_patience > 0:
+        extra_callbacks.append(EarlyStoppingCallback(early_stopping_patience=targs.early_stopping_patience))
+    args = training_arguments(targs, ckpt_dir, seed, count_tokens, **(monitoring_arguments(targs) if monitored else {}))
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset,
+                          eval_dataset=eval_dataset if monitored else None, data_collator=collator,
+                          callbacks=[callback, *extra_callbacks], **trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     resumed = checkpoint_state(resume) if resume is not None else {}
@@ -142,6 +182,11 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     tokens = trainer.state.num_input_tokens_seen - start_tokens
     history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm"),
                 "tokens_per_second": callback.rates.get(h["step"])} for h in trainer.state.log_history if "loss" in h]
+    validation = [{"step": h["step"], "validation_loss": h["eval_loss"]} for h in trainer.state.log_history
+                  if "eval_loss" in h]
+    best = trainer.state.best_model_checkpoint
     return TrainSummary(steps=trainer.state.global_step, seconds=seconds, tokens=int(tokens),
                         tokens_per_second=tokens / max(seconds, 1e-9), peak_memory_mb=peak_memory_mb(),
-                        resumed_from=int(resume.name.split("-")[1]) if resume else None, history=history), trainer
+                        resumed_from=int(resume.name.split("-")[1]) if resume else None, history=history,
+                        validation=validation, best_step=int(Path(best).name.split("-")[1]) if best else None,
+                        stopped_early=monitored and trainer.state.global_step < targs.max_steps), trainer
