@@ -523,12 +523,12 @@ def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
 
-def fmt(v, nd=1):
+def fmt(v, nd=1, unit=""):
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:,.{nd}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+        return f"{v:,.{nd}f}{unit}"
+    return f"{v:,}{unit}" if isinstance(v, int) else str(v)
 
 
 def model_table(entry: dict) -> list[str]:

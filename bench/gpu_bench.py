@@ -897,12 +897,7 @@ def summarise(results: dict) -> dict:
     return summ
 
 
-def fmt(v, nd=1, unit=""):
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}{unit}"
-    return f"{v:,}{unit}" if isinstance(v, int) else str(v)
+fmt = B.fmt
 
 
 def report_lines(results: dict) -> list[str]:
