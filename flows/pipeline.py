@@ -69,11 +69,11 @@ def dvc_status(stage: str) -> dict:
 
 
 @uncached_task(retries=0)  # a training failure is deterministic: no retry
-def run_stage(stage: str, env: dict) -> float:
-    """Runs the stage through DVC; returns its wall seconds."""
+def run_stage(stage: str, env: dict, force: bool = False) -> float:
+    """Runs the stage through DVC (`--force`: even when DVC says it is up to date); returns its wall seconds."""
     env, linked = child_env(flow_name(stage), env)  # the stage's flow run shows as this task's subflow
     t0 = time.perf_counter()
-    proc = subprocess.run(["dvc", "repro", "--single-item", stage], env=env)
+    proc = subprocess.run(["dvc", "repro", "--single-item", stage] + (["--force"] if force else []), env=env)
     close_unfinished(linked, proc.returncode)
     if proc.returncode != 0:
         raise RuntimeError(f"stage '{stage}' failed (dvc repro exit code {proc.returncode}); its previous "
@@ -165,7 +165,7 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
             status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
             status_s += time.perf_counter() - t0
             if status or force:
-                walls[stage] = run_stage.with_options(task_run_name=stage)(stage, env)
+                walls[stage] = run_stage.with_options(task_run_name=stage)(stage, env, force=force)
                 results[stage] = "ran"
             else:
                 skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")

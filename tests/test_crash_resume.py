@@ -1,8 +1,11 @@
-"""SIGKILL each training stage after its first checkpoint, rerun the same command, and check it resumed from
-the last checkpoint, ran every step once, and ended with the metrics of an uninterrupted run (CPU: exactly)."""
+"""SIGKILL each training stage at a seeded point after one of its checkpoints, rerun the same command, and check
+it resumed from the last complete checkpoint, ran every step once, and ended with the metrics of an uninterrupted
+run (CPU: exactly). The kill point (which checkpoint, how long after it) comes from KILL_SEED and is in every
+assertion message; a kill that lands after the stage finished is a failure, not a skip."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
+KILL_SEED = 20240611
 
 STAGES = {  # stage -> (extra --set args, checkpoint marker glob, final metric path)
     "dapt": (["training.max_steps=12", "training.save_steps=2"], "checkpoint-*/trainer_state.json",
@@ -47,30 +51,53 @@ def run(stage, sets, root, env):
     return json.loads((root / "metrics" / f"{stage}.json").read_text())
 
 
+def kill_point(stage: str, total: int, save_steps: int) -> tuple[int, float]:
+    """(checkpoint step to wait for, seconds to wait after it), from KILL_SEED: at least two checkpoints' worth of
+    steps are left after it, so the kill lands while the stage is still training."""
+    rng = random.Random(f"{KILL_SEED}:{stage}")
+    return rng.choice(range(save_steps, total - 2 * save_steps + 1, save_steps)), round(rng.uniform(0.0, 0.3), 3)
+
+
+def complete_steps(root: Path, stage: str, marker: str) -> list[int]:
+    """Steps of the checkpoints on disk that are complete (their last-written file exists)."""
+    return sorted(int(re.search(r"-(\d+)$", p.parent.name).group(1))
+                  for p in (root / "checkpoints" / stage).glob(f"*/{marker}"))
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_sigkill_then_resume(stage, stage_project):
     root, env = stage_project
     sets, marker, (block, key) = STAGES[stage]
+    total = 8 if stage == "ppo" else 12
+    wait_step, delay = kill_point(stage, total, 2)
+    where = f"kill point (seed {KILL_SEED}): {delay} s after checkpoint {wait_step} of {total} steps"
     if stage == "ppo":
         run("reward", ["training.max_steps=2"], root, env)
     reference = run(stage, sets, root, env)
     shutil.rmtree(root / "checkpoints")
+    (root / "metrics" / f"{stage}.json").unlink()
 
     proc = subprocess.Popen(cli(stage, sets), cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not list((root / "checkpoints" / stage).glob(f"*/{marker}")):
-        assert proc.poll() is None, "finished before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(random.uniform(0, 1.0))  # a random point after the first checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the stage finished before the kill landed")
+    deadline = time.monotonic() + 600
+    try:
+        while not any(s >= wait_step for s in complete_steps(root, stage, marker)):
+            assert proc.poll() is None, f"stage exited ({proc.returncode}) before checkpoint {wait_step}; {where}"
+            assert time.monotonic() < deadline, f"no checkpoint {wait_step} after 600 s; {where}"
+            time.sleep(0.05)
+        time.sleep(delay)
+        assert proc.poll() is None, f"stage finished before the kill landed; {where}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"exit code {proc.returncode}, not killed; {where}"
+    on_disk = complete_steps(root, stage, marker)
+    assert on_disk and max(on_disk) < total, f"checkpoints {on_disk} at the kill; {where}"
+    assert not (root / "metrics" / f"{stage}.json").exists(), f"the killed run wrote its metrics; {where}"
 
     resumed = run(stage, sets, root, env)
-    total = 8 if stage == "ppo" else 12
-    assert resumed["train"]["resumed_from_step"] in range(2, total + 1, 2)
-    assert resumed["train"]["steps"] == total
-    assert resumed[block][key] == pytest.approx(reference[block][key], abs=1e-5)
+    assert resumed["train"]["resumed_from_step"] == max(on_disk), f"checkpoints {on_disk}; {where}"
+    assert resumed["train"]["steps"] == total, where
+    assert resumed[block][key] == pytest.approx(reference[block][key], abs=1e-5), where

@@ -5,8 +5,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from refinery.config import TrainingArgs
 from refinery.data.corpus import corpus_rows
-from refinery.modeling.loading import load_tokenizer
 from refinery.data.packing import PadCollator
+from refinery.modeling.loading import load_tokenizer
 from refinery.train.trainer import last_complete_checkpoint, run_trainer
 
 ARGS = TrainingArgs(max_steps=6, batch_size=2, lr=3e-3, save_steps=2, keep_checkpoints=2, warmup_ratio=0.0)
@@ -65,4 +65,4 @@ def test_killed_after_the_last_checkpoint_does_not_train_past_max_steps(tiny_bas
     resumed, uninterrupted = dict(model.named_parameters()), dict(finished.named_parameters())
     assert resumed.keys() == uninterrupted.keys()
     for name, p in resumed.items():
-        torch.testing.assert_close(p, uninterrupted[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, uninterrupted[name], atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

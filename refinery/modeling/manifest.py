@@ -80,7 +80,22 @@ def build_manifest(stage: str, out_dir: Path, *, params: dict, inputs: dict[str,
         "packages": package_versions(),
         "git_commit": git_commit(),
         "output_hash": hash_path(out_dir),
+        "files": file_hashes(out_dir),  # so `verify` can name what changed, not only that something did
     }
+
+
+def file_hashes(folder: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): hash_file(f)
+            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude)}
+
+
+def changed_files(recorded: dict[str, str], actual: dict[str, str]) -> str:
+    """`model.safetensors changed, extra.bin added`: what differs between two {file: sha256} maps."""
+    parts = [f"{f} changed" for f in sorted(recorded.keys() & actual.keys()) if recorded[f] != actual[f]]
+    parts += [f"{f} missing" for f in sorted(recorded.keys() - actual.keys())]
+    parts += [f"{f} added" for f in sorted(actual.keys() - recorded.keys())]
+    return ", ".join(parts)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -99,7 +114,9 @@ def verify(folder: str | Path) -> tuple[bool, str]:
     actual = hash_path(folder)
     if actual != manifest.get("output_hash"):
         recorded = manifest.get("output_hash", "")[:12]
-        return False, f"{folder}: contents changed since the manifest was written ({actual[:12]} != {recorded})"
+        which = changed_files(manifest["files"], file_hashes(folder)) if "files" in manifest else ""
+        return False, (f"{folder}: contents changed since the manifest was written ({actual[:12]} != {recorded})"
+                       + (f": {which}" if which else ""))
     return True, f"{folder}: matches its manifest ({actual[:12]}, stage {manifest.get('stage')})"
 
 

@@ -168,7 +168,13 @@ def stage_main(flow_fn, stage: str | None, worker=None):
         pdir = kwargs.get("params_dir", "params")
 
         def precheck():
-            load_params("base", pdir)
+            base = load_params("base", pdir)
+            if base.tracking.on_server_unreachable == "error":
+                # an MLflow server that does not answer is bad input: one line and exit 2 here, before the
+                # flow starts, rather than a traceback from inside it
+                from refinery.ops.tracking import configure_mlflow
+
+                configure_mlflow(Path("."), "error")
             training = None
             if stage is not None:
                 cfg = load_params(stage, pdir, kwargs.get("overrides"))

@@ -122,13 +122,16 @@ class StageRecord:
     def __exit__(self, exc_type, exc, tb) -> None:
         import mlflow
 
-        self._flush()
         t0 = time.perf_counter()
         # the stage's body (compute + tracking) against its process's whole life: the pipeline derives the
         # orchestration overhead (process start, imports, Prefect, DVC) from these
         self._call("log_metrics", {"timing.body_seconds": t0 - self._t_enter,
                                    "timing.mlflow_seconds": self.mlflow_seconds})
-        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        self._flush()  # while the run is still active: a retried call must not open a new run
+        try:
+            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        except Exception as err:  # the server went away: everything is on disk already, the stage succeeded
+            log.warning("MLflow run %s could not be closed (%s); it stays RUNNING on the server", self.run_id, err)
 
     # -- logging that survives a flaky server ------------------------------------------------------
     def _call(self, name: str, *args, **kwargs) -> None:
