@@ -9,10 +9,12 @@ from prefect import flow
 from refinery.data.corpus import corpus_rows, sample_prompts
 from refinery.data.packing import PadCollator
 from refinery.errors import UserError
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
 from refinery.evaluation.heldout import generate, row_losses
 from refinery.evaluation.stats import paired_difference
 from refinery.modeling.manifest import hash_obj
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
+from refinery.modeling.precision import compute_precision
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import flow_run_namer, open_stage_record, refuse, stage_main, summary_markdown
@@ -54,6 +56,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     corpus = Path(data_dir) / "corpus"
     return DaptInputs(stage="dapt", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
                       inputs={"model": input_dir, "corpus": str(corpus)}, corpus=corpus,
+                      general=load_general(data_dir, tokenizer),
                       train_rows=corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing),
                       val_rows=corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing),
                       collate=PadCollator(tokenizer.pad_token_id))
@@ -78,10 +81,12 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
     base, cfg, tokenizer, model = job.base, job.cfg, job.tokenizer, job.model
     prompts = sample_prompts(job.corpus / "validation.jsonl", cfg.eval.num_samples)
 
-    with open_stage_record("dapt", base, job.params, method=cfg.method, tags=job.lineage_tags("corpus")) as rec:
+    with (open_stage_record("dapt", base, job.params, method=cfg.method, tags=job.lineage_tags("corpus")) as rec,
+          compute_precision(cfg.training.precision)):
         rec.log_dataset(job.corpus / "train.jsonl", "corpus", context="training")
         before, rows_before = evaluate_lm(model, job.val_rows, job.collate, cfg)
         gens_before = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
+        general_before = general_losses(model, job.general, tokenizer.pad_token_id)
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"dapt: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
@@ -90,13 +95,17 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
                            job.monitor_rows)
         after, rows_after = evaluate_lm(model, job.val_rows, job.collate, cfg)
         gens_after = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
+        general_after = general_losses(model, job.general, tokenizer.pad_token_id)
         manifest = save_stage_output("dapt", model, tokenizer, cfg.method, out_dir, input_dir, job.params, job.inputs, base.seed)
         # per held-out row (a block of documents): the change of its mean token loss, paired
         comparison = {"eval_loss_change": paired_difference(rows_before, rows_after, higher_is_better=False,
                                                             seed=base.seed).as_dict()}
         metrics = {"before": before, "after": after, "comparison": comparison,
-                   "train": train_block(cfg.method, summary, trainable, total, rows=len(job.train_rows)),
+                   "train": train_block(cfg.method, summary, trainable, total, rows=len(job.train_rows),
+                                        precision=cfg.training.precision),
                    "early_stopping": summary.selection(cfg.training)}
+        if general_before is not None:
+            metrics["general_retention"] = retention(general_before, general_after, base.seed)
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         rec.log_table([{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, gens_before, gens_after)],
@@ -109,6 +118,8 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
                                                   f"{comparison['eval_loss_change']['ci_high']:+.4f}] "
                                                   f"n={comparison['eval_loss_change']['n']}, "
                                                   f"{comparison['eval_loss_change']['verdict']}"),
+                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
+                    if "general_retention" in metrics else {}),
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(job.params)[:12],
                  "data hash": job.input_hashes["corpus"][:12]}
         publish_summary("dapt", summary_markdown("dapt", "domain-adaptive pretraining", lines, rec.run_url, out_dir),

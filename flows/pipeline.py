@@ -23,7 +23,7 @@ from prefect import flow
 from prefect.states import Completed
 
 from refinery.atomic import atomic_write_json
-from refinery.config import load_params, set_dotted
+from refinery.config import apply_overrides, load_params
 from refinery.errors import UserError, exit_on_user_error
 from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.ops.prefect_artifacts import publish_summary
@@ -44,23 +44,6 @@ def select(order: list[str], start: str | None, stop: str | None) -> list[str]:
     if i >= j:
         raise UserError(f"--from {start} comes after --to {stop} in dvc.yaml")
     return order[i:j]
-
-
-def apply_overrides(overrides: dict[str, dict], params_dir: str = "params") -> None:
-    """{"sft": {"method": "ia3"}} -> params/sft.yaml (comments kept), validated before anything runs,
-    the same edit `dvc exp run -S params/sft.yaml:method=ia3` makes."""
-    from ruamel.yaml import YAML
-
-    rt = YAML()
-    for stage, values in (overrides or {}).items():
-        path = Path(params_dir) / f"{stage}.yaml"
-        if not path.is_file():
-            raise UserError(f"{path}: no params file for stage '{stage}'")
-        load_params(stage, params_dir, values)  # refuse bad values before writing
-        data = rt.load(path.read_text())
-        set_dotted(data, values, path)
-        with open(path, "w") as fh:
-            rt.dump(data, fh)
 
 
 @uncached_task(retries=2, retry_delay_seconds=5)  # reading DVC state is I/O: worth a retry

@@ -17,6 +17,7 @@ from refinery.config import load_params
 from refinery.data.chat import prompt_ids
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
 from refinery.evaluation.stats import slope
 from refinery.modeling.loading import (
     full_weights_of,
@@ -28,6 +29,7 @@ from refinery.modeling.loading import (
 )
 from refinery.modeling.manifest import check_same_tokenizer
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
+from refinery.modeling.precision import compute_precision, resolve
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -89,7 +91,8 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
                      model=load_causal_lm(policy_dir, base.trust_remote_code, method=cfg),
                      policy_dir=policy_dir, reward_dir=reward_dir, tokenizer_hash=tok_hash, prompts_dir=prompts_dir,
                      train_records=[train_records[i] for i in keep], train_prompts=[train_prompts[i] for i in keep],
-                     val_records=val_records, val_prompts=[prompt_ids(tokenizer, r["prompt"]) for r in val_records])
+                     val_records=val_records, val_prompts=[prompt_ids(tokenizer, r["prompt"]) for r in val_records],
+                     general=load_general(data_dir, tokenizer))
 
 
 @flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
@@ -119,8 +122,10 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         scores = rm_scores(reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
         return scores.to(rollout.sequences.device)
 
-    with open_stage_record("ppo", base, params, method=cfg.method,
-                           tags={"tokenizer_hash": job.tokenizer_hash, **job.lineage_tags("prompts")}) as rec:
+    precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
+    with (open_stage_record("ppo", base, params, method=cfg.method,
+                            tags={"tokenizer_hash": job.tokenizer_hash, **job.lineage_tags("prompts")}) as rec,
+          compute_precision(precision)):
         rec.log_dataset(job.prompts_dir / "train.jsonl", "prompts", context="training")
 
         def on_step(step, metrics, rollout):
@@ -143,6 +148,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
+        train["precision"] = precision
         if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
             trend = slope([x["reward_mean"] for x in h], seed=base.seed)
             train["reward_slope"] = trend.as_dict()
@@ -150,6 +156,11 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         else:
             reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         metrics = {"train": train, "eval": evaluation}
+        if job.general:  # the SFT policy (adapter off / frozen copy) against the trained one, same paragraphs
+            with sft_ctx():
+                general_sft = general_losses(sft_model, job.general, tokenizer.pad_token_id)
+            metrics["general_retention"] = retention(general_sft, general_losses(policy, job.general,
+                                                                                 tokenizer.pad_token_id), base.seed)
         rec.write_metrics(metrics)
         rec.write_plot([{k: v for k, v in x.items()} for x in h], "train",
                        ys=("reward_mean", "kl", "kl_coef", "entropy", "value_loss", "clip_fraction"))
@@ -161,6 +172,8 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
                                               f"{evaluation['win_rate']['ci_high']:.3f}] n={evaluation['n']}, "
                                               f"{evaluation['win_rate']['verdict']}"),
                  "reward slope per step [95% CI]": reward_trend,
+                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
+                    if "general_retention" in metrics else {}),
                  "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
                  "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
                                                  f"{evaluation['reference_score_sft']:.3f}"}

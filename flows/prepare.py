@@ -31,8 +31,9 @@ def prepare_flow(params_dir: str = "params", model_dir: str = "models/base", out
     params = {"base": base.model_dump(), "prepare": cfg.model_dump()}
     with open_stage_record("prepare", base, params) as rec:
         rec.write_metrics(report)
-        for name in report["sets"]:
-            rec.log_dataset(Path(out_dir) / name / "train.jsonl", name, context="prepare")
+        for name, counts in report["sets"].items():  # the general set is held out whole: no train split
+            split = "train" if counts["train"] else "validation"
+            rec.log_dataset(Path(out_dir) / name / f"{split}.jsonl", name, context="prepare")
         table = [{"set": k, **{c: v[c] for c in ("kept", "train", "validation", "dropped")}}
                  for k, v in report["sets"].items()]
         publish_summary("prepare", summary_markdown("prepare", "data report", report["total"], rec.run_url, out_dir),

@@ -22,6 +22,7 @@ from prefect import flow
 
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
+from refinery.evaluation.forgetting import TOLERANCE as FORGETTING_TOLERANCE
 from refinery.ops import metrics_contract as mc
 from refinery.ops import report_figures
 from refinery.ops.prefect_artifacts import publish_summary
@@ -222,6 +223,21 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
         _figure(s, imgs, "ppo_reward_kl.png", "PPO reward and KL per step, with the target KL")
         _figure(s, imgs, "ppo_train.png", "PPO training diagnostics")
         plots += COPIED["ppo"]
+    retention = {st: d["general_retention"] for st in ("dapt", "sft", "ppo")
+                 if isinstance(d := m.get(st), dict) and isinstance(d.get("general_retention"), dict)}
+    if retention:
+        s.add("## General-domain retention (forgetting)", "",
+              "Perplexity of a general-domain held-out set (never trained on; data/demo/README.md) with the model "
+              "each stage starts from and the one it ends with. Change: relative perplexity change, geometric mean "
+              f"over the paragraphs (lower is better); the goal is within +{100 * FORGETTING_TOLERANCE:.0f}%.", "",
+              HEADER)
+        for st, g in retention.items():
+            block = {"estimate": g["perplexity_change"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
+                     "verdict": g["verdict"], "n": g["n"]}
+            s.row(f"{st} general-domain perplexity", f"{st}: general-domain perplexity"
+                  f" ({'within' if g.get('retained') else 'beyond'} +{100 * FORGETTING_TOLERANCE:.0f}%)",
+                  block, g["perplexity_before"], g["perplexity_after"], g["n"])
+        s.add("")
     if (c := m.get("compare")):
         s.add("## Method comparison (SFT)", "", "| method | trainable % | peak MB | s/step | tokens/s | eval loss | score |",
               "|---|---|---|---|---|---|---|")

@@ -14,6 +14,7 @@ from refinery.evaluation.stats import bootstrap_mean, paired_difference
 from refinery.modeling.loading import full_weights_of, load_tokenizer
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
+from refinery.modeling.precision import compute_precision
 from refinery.ops.distributed import world_size
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
@@ -90,7 +91,8 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
     base, cfg, init_dir, tokenizer, train, val = job.base, job.cfg, job.init_dir, job.tokenizer, job.train, job.val
     params, pad, model = job.params, job.pad, job.model
 
-    with open_stage_record("reward", base, params, method=cfg.method, tags=job.lineage_tags("preferences")) as rec:
+    with (open_stage_record("reward", base, params, method=cfg.method, tags=job.lineage_tags("preferences")) as rec,
+          compute_precision(cfg.training.precision)):
         rec.log_dataset(job.prefs / "train.jsonl", "preferences", context="training")
         before, correct_before = evaluate_rm(model, val, pad, cfg)
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
@@ -107,7 +109,8 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
                       "accuracy": bootstrap_mean(correct_after, null=0.5, seed=base.seed).as_dict()}
         metrics = {"eval": after, "before": before, "comparison": comparison,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
-                                        pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3)),
+                                        pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3),
+                                        precision=cfg.training.precision),
                    "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))

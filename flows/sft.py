@@ -10,9 +10,11 @@ from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, load_task, mixture_probs
 from refinery.data.packing import PadCollator
 from refinery.errors import UserError
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
 from refinery.evaluation.sft_tasks import compare_tasks, evaluate_tasks
 from refinery.modeling.manifest import hash_obj
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
+from refinery.modeling.precision import compute_precision
 from refinery.ops.distributed import world_size
 from refinery.ops.prefect_artifacts import Progress, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
@@ -73,6 +75,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     return SftInputs(stage="sft", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
                      inputs={"model": input_dir, "sft_data": str(folder)}, folder=folder, val=val, probs=probs,
                      rows=rows, counts=counts, collate=PadCollator(tokenizer.pad_token_id),
+                     general=load_general(data_dir, tokenizer),
                      count_tokens="all" if method.packing else "non_padding")
 
 
@@ -98,14 +101,15 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
     share = {k: round(v / max(sum(job.counts.values()), 1), 4) for k, v in job.counts.items()}
     metric_of = {k: s.metric for k, s in cfg.tasks.items()}
 
-    with open_stage_record(stage, base, params, method=cfg.method, root=record_root,
-                           tags=job.lineage_tags("sft_data")) as rec:
+    with (open_stage_record(stage, base, params, method=cfg.method, root=record_root,
+                            tags=job.lineage_tags("sft_data")) as rec, compute_precision(cfg.training.precision)):
         for task_name in cfg.tasks:
             rec.log_dataset(job.folder / task_name / "train.jsonl", f"sft/{task_name}", context="training")
         if cfg.eval.before:
             before, samples_before, per_before = evaluate_sft(model, tokenizer, val, metric_of, cfg)
+            general_before = general_losses(model, job.general, tokenizer.pad_token_id)
         else:
-            before, samples_before, per_before = None, [], None
+            before, samples_before, per_before, general_before = None, [], None, None
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
         print(f"{stage}: method {cfg.method}: {trainable:,} of {total:,} parameters trainable "
@@ -115,12 +119,16 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
         after, samples_after, per_after = evaluate_sft(model, tokenizer, val, metric_of, cfg)
         manifest = save_stage_output(stage, model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         comparison = compare_tasks(per_before, per_after, base.seed) if per_before else None
+        general_after = general_losses(model, job.general, tokenizer.pad_token_id) if general_before else None
         metrics = {**({"before": before} if before else {}), "after": after,
                    **({"comparison": comparison} if comparison else {}),
                    "train": train_block(cfg.method, summary, trainable, total, rows=len(job.rows),
                                         mixture_probability={k: round(v, 4) for k, v in job.probs.items()},
-                                        mixture_share=share, examples=sum(job.counts.values())),
-                   "early_stopping": summary.selection(cfg.training)}
+                                        mixture_share=share, examples=sum(job.counts.values()),
+                                        precision=cfg.training.precision),
+                   "early_stopping": summary.selection(cfg.training),
+                   **({"general_retention": retention(general_before, general_after, base.seed)}
+                      if general_before else {})}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         before_score = (lambda k: before["tasks"][k]["score"]) if before else (lambda k: None)
@@ -140,6 +148,8 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                   "share": share[k]} for k, v in after["tasks"].items()]
         lines = {"method": cfg.method, "mean score": f"{ref['mean_score']:.3f} -> {after['mean_score']:.3f}",
                  "trainable": f"{trainable:,} ({100 * trainable / total:.3f}%)",
+                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
+                    if "general_retention" in metrics else {}),
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12]}
         publish_summary(stage, summary_markdown(stage, "multi-task SFT", lines, rec.run_url, out_dir), table)
     for row in table:

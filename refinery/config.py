@@ -107,6 +107,8 @@ class TrainingArgs(Strict):
     # the best checkpoint (lowest loss) becomes the stage's output; 0 turns it off (the last step is kept)
     eval_steps: int = Field(0, ge=0)
     early_stopping_patience: int = Field(0, ge=0)  # stop after N evaluations without improvement; 0: never
+    # resolved from params/base.yaml `precision` by load_params (refinery/modeling/precision.py): one knob for
+    # every stage, so a stage file may not set it
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     # Processes for this stage (refinery/ops/distributed.py): >1 relaunches it under torchrun (DDP: gloo on CPU, nccl
@@ -131,6 +133,8 @@ class TrackingParams(Strict):
 
 class BaseParams(Strict):
     seed: int = 42
+    # auto | fp32 | bf16 | fp16: fp32 master weights, matmuls at this precision (refinery/modeling/precision.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     trust_remote_code: bool = False
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
@@ -161,11 +165,17 @@ class DatasetsParams(Strict):
     sft: dict[str, str]  # task name -> JSONL path
     preferences: str
     prompts: str
+    # general-domain held-out text ({"id", "text"} per line), never trained on: dapt, sft and ppo measure its
+    # perplexity before and after (retention, catastrophic forgetting). null: not measured
+    general: str | None = None
 
 
 class PrepareParams(Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    # every data set holds out at least this many records (capped at half of it), so each held-out
+    # comparison has the n it needs (refinery/evaluation/stats.py); 0: the fraction alone decides
+    min_validation: int = Field(0, ge=0)
     max_length: int = Field(1024, gt=0)  # tokens; records longer than this (or the model context) are bad
     datasets: DatasetsParams
 
@@ -179,6 +189,9 @@ class DaptParams(MethodParams):
 class SftTask(Strict):
     weight: float = Field(1.0, gt=0)
     metric: Literal["exact_match", "token_f1", "rouge_l"] = "rouge_l"
+    # generation length of this task's held-out answers (a module name is 3 tokens, an explanation 60);
+    # null: eval.max_new_tokens
+    max_new_tokens: int | None = Field(None, gt=0)
 
 
 class SftEvalArgs(Strict):
@@ -329,6 +342,21 @@ def set_dotted(data: dict, overrides: dict[str, Any] | None, path: Path) -> dict
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a params file that says `lr` twice is a
+    mistake to point at, not a value to guess."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[str, Any] | None = None):
     """Load and validate `params/<stage>.yaml` into its typed config."""
     model = STAGE_MODELS.get(stage)
@@ -338,7 +366,7 @@ def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[s
     if not path.is_file():
         raise UserError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -346,10 +374,18 @@ def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[s
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = set_dotted(data, overrides, path)
+    if isinstance(data.get("training"), dict) and "precision" in data["training"]:
+        raise UserError(f"{path}: key 'training.precision': set `precision` in {Path(params_dir) / 'base.yaml'} "
+                        "(one knob for every stage)")
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(path, exc)) from None
+    if isinstance(getattr(cfg, "training", None), TrainingArgs):
+        from refinery.modeling.precision import resolve
+
+        cfg.training.precision = resolve(load_params("base", params_dir).precision)
+    return cfg
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:
@@ -360,3 +396,20 @@ def format_validation_error(path: Path, exc: ValidationError) -> str:
         msg = "unknown key (typo?)"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{path}: key '{key}': {msg}{more}"
+
+
+def apply_overrides(overrides: dict[str, dict], params_dir: str = "params") -> None:
+    """{"sft": {"method": "ia3"}} -> params/sft.yaml (comments kept), validated before anything runs,
+    the same edit `dvc exp run -S params/sft.yaml:method=ia3` makes."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    for stage, values in (overrides or {}).items():
+        path = Path(params_dir) / f"{stage}.yaml"
+        if not path.is_file():
+            raise UserError(f"{path}: no params file for stage '{stage}'")
+        load_params(stage, params_dir, values)  # refuse bad values before writing
+        data = rt.load(path.read_text())
+        set_dotted(data, values, path)
+        with open(path, "w") as fh:
+            rt.dump(data, fh)

@@ -17,17 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough to train in seconds on 2 CPU cores, large enough that the loss visibly drops.
 TINY_OVERRIDES = {
+    # fp32 everywhere in the tiny tests: golden values and "resumed == uninterrupted" are exact there;
+    # bf16 has its own tests (tests/test_precision.py)
+    "base.yaml": {"precision": "fp32"},
     "base_model.yaml": {"source": "tiny"},
+    # validation monitoring off unless a test turns it on (it moves the save steps to the eval steps)
     "dapt.yaml": {"block_size": 64, "training": {"max_steps": 6, "batch_size": 4, "lr": 0.003, "save_steps": 2,
-                                                 "warmup_ratio": 0.0, "scheduler": "constant"},
+                                                 "warmup_ratio": 0.0, "scheduler": "constant", "eval_steps": 0,
+                                                 "early_stopping_patience": 0},
                   "eval": {"max_batches": 4, "batch_size": 4, "num_samples": 1, "max_new_tokens": 8},
                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-    "prepare.yaml": {"max_length": 512},
-    "sft.yaml": {"block_size": 256, "training": {"max_steps": 4, "batch_size": 2, "lr": 0.003, "save_steps": 2},
-                 "eval": {"max_examples_per_task": 2, "max_new_tokens": 4}},
+    # the plain hash split: the golden values (tests/golden/) were recorded on it
+    "prepare.yaml": {"max_length": 512, "min_validation": 0},
+    "sft.yaml": {"block_size": 256, "training": {"max_steps": 4, "batch_size": 2, "lr": 0.003, "save_steps": 2,
+                                                 "eval_steps": 0, "early_stopping_patience": 0},
+                 "eval": {"max_examples_per_task": 2, "max_new_tokens": 4},
+                 "tasks": {t: {"max_new_tokens": 4} for t in ("summarize", "which_module", "explain_topic")}},
     "compare.yaml": {"max_steps": 2, "sft_overrides": {"eval.max_examples_per_task": 1, "eval.max_new_tokens": 2,
                                                        "block_size": 128}},
-    "reward.yaml": {"max_length": 128, "training": {"max_steps": 4, "batch_size": 4, "lr": 0.003, "save_steps": 2},
+    "reward.yaml": {"max_length": 128, "training": {"max_steps": 4, "batch_size": 4, "lr": 0.003, "save_steps": 2,
+                                                    "eval_steps": 0, "early_stopping_patience": 0},
                     "eval": {"max_pairs": 8}},
     "ppo.yaml": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "eval_prompts": 4,
                  "eval_max_new_tokens": 6, "save_steps": 1},
@@ -51,8 +60,8 @@ def write_tiny_params(dst: Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """models/base for source `tiny`: 2 layers, hidden 64, SmolLM2's real tokenizer and chat template."""
-    from refinery.modeling.base_import import import_base
     from refinery.config import BaseModelParams
+    from refinery.modeling.base_import import import_base
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     model, tok = import_base(BaseModelParams(source="tiny"), seed=0, trust_remote_code=False)
@@ -85,8 +94,8 @@ def project(tmp_path, monkeypatch, tiny_base) -> Path:
 def prepared(tmp_path_factory, tiny_base) -> Path:
     """data/prepared from the demo data, built once per session (prepare is deterministic)."""
     from refinery.config import load_params
-    from refinery.modeling.loading import load_tokenizer
     from refinery.data.prepare import prepare_all
+    from refinery.modeling.loading import load_tokenizer
 
     root = tmp_path_factory.mktemp("prepared")
     write_tiny_params(root / "params")

@@ -54,6 +54,11 @@ def no_template(root: Path) -> str:
     return str(folder)
 
 
+def truncate_base_weights(root: Path) -> None:
+    weights = root / "models" / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted copy or download
+
+
 CASES = {
     "malformed_json": ("prepare", data_case("corpus", "malformed_json.jsonl"),
                        "data/malformed_json.jsonl:2: malformed JSON", "data/prepared"),
@@ -72,6 +77,10 @@ CASES = {
                           "data/demo/prompts.jsonl: data file not found", "data/prepared"),
     "unknown_method": ("dapt", params_case("dapt", "unknown_method.yaml"), "unknown method 'loraa'", "models/dapt"),
     "negative_lr": ("dapt", params_case("dapt", "negative_lr.yaml"), "key 'training.lr'", "models/dapt"),
+    "duplicate_key": ("dapt", params_case("dapt", "duplicate_key.yaml"),
+                      "dapt.yaml:2: not valid YAML (duplicate key 'method' (first on line 1))", "models/dapt"),
+    "truncated_weights": ("dapt", truncate_base_weights,
+                          "models/base/model.safetensors: not a complete safetensors file", "models/dapt"),
     "typo_key": ("dapt", params_case("dapt", "typo_key.yaml"), "key 'training.max_stepz': unknown key",
                  "models/dapt"),
     "base_without_weights": ("base_model", base_case(lambda r: HERE / "no_weights"),

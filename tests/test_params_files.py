@@ -71,6 +71,14 @@ def defaulted_fields(obj: BaseModel, prefix: str = "") -> list[str]:
     return out
 
 
+# Fields a stage file must not state: derived from another file by load_params, each with its reason.
+DERIVED = {"training.precision": "one knob for every stage: params/base.yaml `precision`, resolved per machine"}
+
+
+def without_derived(paths: list[str]) -> list[str]:
+    return [p for p in paths if p not in DERIVED]
+
+
 def read(stage: str) -> dict:
     return yaml.safe_load((PARAMS / f"{stage}.yaml").read_text(encoding="utf-8")) or {}
 
@@ -82,7 +90,7 @@ def test_one_params_file_per_stage():
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODELS))
 def test_params_file_states_every_field(stage):
-    missing = missing_keys(STAGE_MODELS[stage], read(stage))
+    missing = without_derived(missing_keys(STAGE_MODELS[stage], read(stage)))
     assert not missing, (f"params/{stage}.yaml has no key for {', '.join(missing)}: add each with its default "
                          "from refinery/config.py, so the YAML is the whole configuration")
 
@@ -91,10 +99,28 @@ def test_params_file_states_every_field(stage):
 def test_no_default_filled_in_and_round_trip(stage):
     data = read(stage)
     explicit = STAGE_MODELS[stage].model_validate(data)
-    assert defaulted_fields(explicit) == []
-    assert load_params(stage, PARAMS) == explicit
+    assert without_derived(defaulted_fields(explicit)) == []
+    loaded = load_params(stage, PARAMS)
+    if hasattr(explicit, "training"):  # the derived field: what load_params resolved it to
+        explicit.training.precision = loaded.training.precision
+    assert loaded == explicit
     # round trip: the YAML's keys are exactly the model's fields, and its values are what the stage reads
-    assert explicit.model_dump() == data
+    dumped = explicit.model_dump()
+    if hasattr(explicit, "training"):
+        del dumped["training"]["precision"]
+    assert dumped == data
+
+
+def test_a_stage_file_stating_precision_is_refused(tmp_path):
+    import shutil
+
+    from refinery.errors import UserError
+
+    shutil.copytree(PARAMS, tmp_path / "params")
+    path = tmp_path / "params" / "sft.yaml"
+    path.write_text(path.read_text().replace("training:\n", "training:\n  precision: bf16\n", 1))
+    with pytest.raises(UserError, match=r"sft.yaml: key 'training.precision': set `precision` in .*base.yaml"):
+        load_params("sft", tmp_path / "params")
 
 
 # ---- the walker catches what it is for -----------------------------------------------------------
@@ -132,10 +158,23 @@ def test_walker_catches_a_field_added_to_a_stage_model():
     class GrownDapt(DaptParams):  # what adding a field to DaptParams in config.py looks like to the test
         new_knob: int = 3
 
-    assert missing_keys(GrownDapt, read("dapt")) == ["new_knob"]
+    assert without_derived(missing_keys(GrownDapt, read("dapt"))) == ["new_knob"]
     data = read("dapt")
     del data["training"]["weight_decay"], data["qlora"]["double_quant"]
-    assert missing_keys(DaptParams, data) == ["qlora.double_quant", "training.weight_decay"]  # model order
+    assert without_derived(missing_keys(DaptParams, data)) == ["qlora.double_quant", "training.weight_decay"]
     data = read("sft")
     data["tasks"]["new_task"] = {"weight": 1.0}  # a user-named entry must state every field of its model
-    assert missing_keys(SftParams, data) == ["tasks.new_task.metric"]
+    assert without_derived(missing_keys(SftParams, data)) == ["tasks.new_task.metric", "tasks.new_task.max_new_tokens"]
+
+
+@pytest.mark.bad_input
+def test_a_duplicate_key_is_refused_with_its_line(tmp_path):
+    from refinery.errors import UserError
+
+    (tmp_path / "dapt.yaml").write_text((PARAMS / "dapt.yaml").read_text() + "method: ia3\n")
+    lines = (tmp_path / "dapt.yaml").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("method:")) + 1
+    with pytest.raises(UserError) as info:
+        load_params("dapt", tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'dapt.yaml'}:{len(lines)}: not valid YAML (duplicate key 'method' "
+                               f"(first on line {first}))")

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import apply_overrides, select
+from flows.pipeline import select
 from flows.report import build_report
+from refinery.config import apply_overrides
 from refinery.errors import UserError
 from refinery.ops import metrics_contract
 from refinery.ops.dag import stage_order

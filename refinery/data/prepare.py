@@ -28,10 +28,19 @@ def split_of(record_id: str, seed: int, validation_fraction: float) -> str:
     return "validation" if u < validation_fraction else "train"
 
 
-def split_records(records: list[dict], seed: int, fraction: float) -> dict[str, list[dict]]:
+def split_records(records: list[dict], seed: int, fraction: float, min_validation: int = 0) -> dict[str, list[dict]]:
+    """A record's side comes from the hash of its id (stable when other records change). With
+    `min_validation`, a set whose hash split holds out fewer also holds out the train records with the next
+    lowest hashes, up to min(min_validation, half the set)."""
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for rec in records:
         out[split_of(rec["id"], seed, fraction)].append(rec)
+    short = min(min_validation, len(records) // 2) - len(out["validation"])
+    if short > 0:
+        by_hash = sorted(out["train"], key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())
+        moved = {id(r) for r in by_hash[:short]}
+        out["validation"] += [r for r in out["train"] if id(r) in moved]
+        out["train"] = [r for r in out["train"] if id(r) not in moved]
     # a tiny set could hash entirely to one side: keep at least one record on each side
     for a, b in (("train", "validation"), ("validation", "train")):
         if not out[a] and len(out[b]) > 1:
@@ -67,6 +76,8 @@ def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: i
     sets: dict[str, tuple[str, str]] = {"corpus": (ds.corpus, "corpus"), "preferences": (ds.preferences, "preferences"),
                                         "prompts": (ds.prompts, "prompts")}
     sets.update({f"sft/{task}": (path, "sft") for task, path in ds.sft.items()})
+    if ds.general is not None:  # held out whole: it is only ever evaluated on
+        sets["general"] = (ds.general, "corpus")
 
     loaded: dict[str, tuple[list[dict], list[BadRecord]]] = {}
     for name, (path, kind) in sets.items():
@@ -76,18 +87,21 @@ def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: i
 
     report: dict = {"max_length": max_len, "on_bad_record": params.on_bad_record, "sets": {}}
     for name, (records, dropped) in loaded.items():
-        parts = split_records(records, seed, params.validation_fraction)
+        parts = ({"validation": records} if name == "general" else
+                 split_records(records, seed, params.validation_fraction, params.min_validation))
         for split, recs in parts.items():
             write_jsonl(out / name / f"{split}.jsonl", recs)
         report["sets"][name] = {
             "source": sets[name][0],
             "kept": len(records),
-            "train": len(parts["train"]),
+            "train": len(parts.get("train", [])),
             "validation": len(parts["validation"]),
             "dropped": len(dropped),
             "dropped_by_reason": dict(Counter(_reason_kind(b) for b in dropped)),
             "dropped_records": [str(b) for b in dropped[:50]],
         }
+    if ds.general is None:  # an empty general set: the stages that depend on data/prepared/general skip retention
+        write_jsonl(out / "general" / "validation.jsonl", [])
     report["total"] = {k: sum(s[k] for s in report["sets"].values()) for k in ("kept", "train", "validation", "dropped")}
     return report
 

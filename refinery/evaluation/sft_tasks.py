@@ -10,6 +10,7 @@ from refinery.evaluation.text_metrics import METRICS
 
 def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[str, str],
                    cfg) -> tuple[dict, list[dict], dict[str, dict[str, list[float]]]]:
+    # each task generates up to its own max_new_tokens (params/sft.yaml tasks.<task>.max_new_tokens)
     """({"tasks": {task: {"loss", "score", "metric", "n"}}, "mean_score"}, sample generations for a table,
     {task: {"score": [...], "loss": [...]}} per example, for the paired before/after comparison)."""
     collate = PadCollator(tokenizer.pad_token_id)
@@ -22,7 +23,9 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
         loss = summary["eval_loss"]
         prompts = [prompt_ids(tokenizer, r["prompt"])
                    for r in records]
-        gens = generate_batch(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        spec = cfg.tasks.get(task) if hasattr(cfg, "tasks") else None
+        new_tokens = (spec.max_new_tokens if spec is not None else None) or cfg.eval.max_new_tokens
+        gens = generate_batch(model, tokenizer, prompts, new_tokens, cfg.eval.batch_size)
         fn = METRICS[metrics[task]]
         scores = [fn(g, r["response"]) for g, r in zip(gens, records)]
         per_example[task] = {"score": scores, "loss": losses}

@@ -55,6 +55,20 @@ def full_weights_of(folder: str | Path) -> tuple[str, str | None]:
                        "(the adapter is not carried into this stage)")
 
 
+def check_weight_files(folder: str | Path) -> None:
+    """Every *.safetensors file in `folder` has a readable header that covers the whole file: a truncated or
+    corrupt download is a one-line error naming the file, before anything loads or trains."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{f}: not a complete safetensors file ({err}); re-create it (rerun the stage that "
+                            "wrote it) or restore it") from None
+
+
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     folder = Path(folder)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -75,6 +89,7 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=to
     if kind != "full":
         raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
                         "from full weights (see the chaining table in README.md)")
+    check_weight_files(folder)
     return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype))
 
 
@@ -88,6 +103,7 @@ def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None 
 def load_scalar_model(folder: str | Path, trust_remote_code: bool = False, method: MethodParams | None = None,
                       **extra):
     """A one-scalar sequence-classification model (the reward model, PPO's value model)."""
+    check_weight_files(folder)
     return AutoModelForSequenceClassification.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method),
                                                               **extra)
 

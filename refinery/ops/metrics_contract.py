@@ -66,6 +66,12 @@ def _ci_headline(block: str) -> tuple[str, ...]:
     return (f"{block}.estimate", f"{block}.ci_low", f"{block}.ci_high", f"{block}.verdict")
 
 
+# general-domain perplexity before/after the stage (refinery/evaluation/forgetting.py), when prepare has a
+# general set: optional, so its keys are headline-only
+_RETENTION_HEADLINE = ("general_retention.n", "general_retention.perplexity_change", "general_retention.ci_low",
+                       "general_retention.ci_high", "general_retention.verdict", "general_retention.retained")
+
+
 CONTRACTS: dict[str, StageMetrics] = {
     "base_model": StageMetrics(
         about="the imported base model",
@@ -82,13 +88,15 @@ CONTRACTS: dict[str, StageMetrics] = {
         required={"before.eval_loss": float, "before.perplexity": float, "after.eval_loss": float,
                   "after.perplexity": float, **_ci("comparison.eval_loss_change"), **_TRAIN_REQUIRED},
         headline=("before.eval_loss", "before.perplexity", "after.eval_loss", "after.perplexity",
-                  *_ci_headline("comparison.eval_loss_change"), "early_stopping.best_step", *_TRAIN_HEADLINE)),
+                  *_ci_headline("comparison.eval_loss_change"), "early_stopping.best_step", *_TRAIN_HEADLINE,
+                  *_RETENTION_HEADLINE)),
     "sft": StageMetrics(
         about="per-task held-out loss and score before/after SFT (`before` only with eval.before: true)",
         required={"after.mean_score": float, "after.tasks.*.loss": float, "after.tasks.*.score": float,
                   **_TRAIN_REQUIRED},
         headline=("before.mean_score", "after.mean_score", "after.tasks.*.score",
-                  *_ci_headline("comparison.*.score_change"), "early_stopping.best_step", *_TRAIN_HEADLINE)),
+                  *_ci_headline("comparison.*.score_change"), *_ci_headline("comparison.*.loss_change"),
+                  "early_stopping.best_step", *_TRAIN_HEADLINE, *_RETENTION_HEADLINE)),
     "compare": StageMetrics(
         about="one SFT per method: quality against cost (the full rows: the evaluation file)",
         required={"methods.*.status": str},
@@ -114,7 +122,8 @@ CONTRACTS: dict[str, StageMetrics] = {
                   *(f"{PPO_EVAL}.{k}" for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT, REFERENCE_SCORE_POLICY,
                                                 REFERENCE_SCORE_SFT, KL, "n")),
                   f"{PPO_EVAL}.win_rate.ci_low", f"{PPO_EVAL}.win_rate.ci_high",
-                  *_ci_headline(f"{PPO_EVAL}.reference_score_change"), *_ci_headline("train.reward_slope"))),
+                  *_ci_headline(f"{PPO_EVAL}.reference_score_change"), *_ci_headline("train.reward_slope"),
+                  *_RETENTION_HEADLINE)),
 }
 
 

@@ -146,7 +146,7 @@ def stage_main(flow_fn, stage: str | None, worker=None):
     one refuses to run on several processes."""
     import inspect
 
-    from refinery.config import load_params
+    from refinery.config import apply_overrides, load_params
     from refinery.errors import exit_on_user_error
     from refinery.modeling.methods import check_stage_method
     from refinery.ops.distributed import is_worker_rank, relaunch, world_size
@@ -181,6 +181,15 @@ def stage_main(flow_fn, stage: str | None, worker=None):
                 if hasattr(cfg, "method"):
                     check_stage_method(cfg, stage, f"{pdir}/{stage}.yaml")
                 training = getattr(cfg, "training", None)
+            if stage is not None and kwargs.get("overrides") and "out_dir" not in kwargs:
+                # the stage writes its DVC out (models/<stage>): record the values in its params file first, as
+                # `flows.pipeline --set` and `dvc exp run -S` do, so dvc.lock can describe what gets written.
+                # With --out-dir the output goes where asked and the params file is left alone.
+                apply_overrides({stage: kwargs["overrides"]}, pdir)
+                print(f"note: {pdir}/{stage}.yaml updated with " + ", ".join(
+                    f"{k}={v}" for k, v in kwargs["overrides"].items()) + " (a --set run writing "
+                    f"models/{stage} records its values there; use --out-dir to write elsewhere instead)",
+                    file=sys.stderr)
             nproc, launcher = (training.nproc_per_node, training.accelerate_config) if training else (1, None)
             if worker is None and (nproc > 1 or launcher or world_size() > 1):
                 raise UserError(f"stage '{name}' runs in one process (several processes: dapt, sft and reward)")

@@ -27,6 +27,7 @@ class StageInputs:
     tokenizer: Any
     inputs: dict[str, str]      # name -> path of everything read (hashed into the manifest and checkpoint key)
     model: Any = None           # the loaded start (before the method is applied)
+    general: list[dict] = field(default_factory=list)  # general-domain rows for retention (refinery/evaluation/forgetting.py)
     params: dict = field(init=False)
     input_hashes: dict[str, str] = field(init=False)
 
