@@ -175,3 +175,23 @@ def pytest_terminal_summary(terminalreporter):
                    if "::" in e and e.split("::")[0] in ran and e not in seen]
         if missing and not terminalreporter.config.option.keyword and not terminalreporter.config.option.markexpr:
             terminalreporter.write_line("reliability: no test ran for " + ", ".join(missing))
+
+
+def free_port() -> int:
+    """A port nothing listens on (yet) on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str, timeout: float = 5) -> bool:
+    """The URL answers 200 (a server's health endpoint)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except Exception:
+        return False

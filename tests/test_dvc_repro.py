@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from refinery.ops.dag import flow_name
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import REPO, answers, free_port, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +60,6 @@ def server(repo, tmp_path_factory):
         proc.wait(30)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except Exception:
-        return False
 
 
 def wait_for(check, timeout: float, what: str):

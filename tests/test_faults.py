@@ -11,11 +11,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,7 +21,7 @@ import pytest
 import yaml
 
 from refinery.ops.tracking import StageRecord, redact
-from tests.conftest import write_tiny_params
+from tests.conftest import answers, free_port, write_tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 # For the server killed mid-stage: without these the MLflow client retries a refused connection 7 times with
@@ -32,18 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")

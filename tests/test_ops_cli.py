@@ -228,8 +228,10 @@ def test_changed_params_start_a_fresh_checkpoint_folder(dapt_project):
     assert changed["train"]["resumed_from_step"] is None and changed["train"]["steps"] == first["train"]["steps"]
     assert changed["train"]["final_loss"] != first["train"]["final_loss"]
     assert len(folders(root)) == 2 and key_a in folders(root)
+    # --set wrote models/dapt, so it recorded its value in params/dapt.yaml (what dvc.lock will describe)
+    assert yaml.safe_load((root / "params" / "dapt.yaml").read_text())["training"]["lr"] == 0.001
 
-    same = dapt(root, env)  # the first params again: their own folder, every step already done
+    same = dapt(root, env, "training.lr=0.003")  # the first params again: their own folder, every step done
     assert same["train"]["resumed_from_step"] == first["train"]["steps"]
     assert same["after"]["eval_loss"] == pytest.approx(first["after"]["eval_loss"], abs=1e-6)
     assert len(folders(root)) == 2
@@ -260,3 +262,14 @@ def test_smollm2_gguf_imports_as_a_plain_transformers_model(tmp_path):
         assert torch.isfinite(loaded(**ids).logits).all()
         out = loaded.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)  # it still knows
+
+
+@pytest.mark.slow
+def test_set_with_out_dir_leaves_the_params_file_alone(dapt_project):
+    root, env = dapt_project
+    before = (root / "params" / "dapt.yaml").read_text()
+    cmd = [sys.executable, "-m", "flows.dapt", "--set", "training.max_steps=2", "--out-dir", "elsewhere/dapt"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "params" / "dapt.yaml").read_text() == before
+    assert (root / "elsewhere" / "dapt" / "config.json").is_file() and not (root / "models" / "dapt").exists()
