@@ -154,7 +154,7 @@ HEADLINE_READERS = {
     "sft": {  # flows/compare_methods.py (compare-<method>.json), flows/sweep.py, bench/bench.py, test_crash_resume
         "train.trainable_params", "train.trainable_percent", "train.peak_memory_mb", "train.seconds_per_step",
         "train.tokens_per_second", "train.final_loss", "train.seconds", "train.steps", "train.resumed_from_step",
-        "after.mean_score", "before.mean_score", "after.tasks.*.loss"},
+        "after.mean_score", "before.mean_score"},  # per-task losses: compare reads the evaluation file
     "dapt": {"after.eval_loss", "before.eval_loss", "train.steps", "train.resumed_from_step", "train.seconds"},
     "reward": {"eval.margin", "train.steps", "train.resumed_from_step", "train.pairs_per_second"},
     "ppo": {"train.reward_last", "train.steps", "train.resumed_from_step", "eval.win_rate_vs_sft"},

@@ -68,8 +68,7 @@ def _ci_headline(block: str) -> tuple[str, ...]:
 
 # general-domain perplexity before/after the stage (refinery/evaluation/forgetting.py), when prepare has a
 # general set: optional, so its keys are headline-only
-_RETENTION_HEADLINE = ("general_retention.n", "general_retention.perplexity_change", "general_retention.ci_low",
-                       "general_retention.ci_high", "general_retention.verdict", "general_retention.retained")
+_RETENTION_HEADLINE = ("general_retention.perplexity_change", "general_retention.verdict")
 
 
 CONTRACTS: dict[str, StageMetrics] = {
@@ -95,8 +94,8 @@ CONTRACTS: dict[str, StageMetrics] = {
         required={"after.mean_score": float, "after.tasks.*.loss": float, "after.tasks.*.score": float,
                   **_TRAIN_REQUIRED},
         headline=("before.mean_score", "after.mean_score", "after.tasks.*.score",
-                  *_ci_headline("comparison.*.score_change"), *_ci_headline("comparison.*.loss_change"),
-                  "early_stopping.best_step", *_TRAIN_HEADLINE, *_RETENTION_HEADLINE)),
+                  *_ci_headline("comparison.*.score_change"), "early_stopping.best_step", *_TRAIN_HEADLINE,
+                  *_RETENTION_HEADLINE)),
     "compare": StageMetrics(
         about="one SFT per method: quality against cost (the full rows: the evaluation file)",
         required={"methods.*.status": str},

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from refinery.atomic import atomic_write_text
+from refinery.ops import metrics_contract
 from refinery.ops.prefect_link import run_child_flow
 
 
@@ -24,11 +25,12 @@ def run_sft_point(folder: Path, settings: dict, env: dict, params_dir: str, stag
     for key, value in settings.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     proc = run_child_flow("sft", cmd, env, folder / "log.txt")
-    metrics_file = folder / "metrics" / f"{stage}.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
+    # the whole evaluation (per-task losses and all), not the headline numbers of metrics/<stage>.json
+    evaluation = metrics_contract.read_evaluation(stage, folder)
+    if proc.returncode != 0 or evaluation is None:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return None, f"failed: {last[:200]}"
-    return json.loads(metrics_file.read_text()), "ok"
+    return evaluation, "ok"
 
 
 def write_table(rows: list[dict], columns: list[str], out: Path, stem: str, title: str, footer: str = "") -> str:

@@ -2,6 +2,7 @@
 `train` metrics block, the atomic save."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
     base = load_params("base", params_dir)
     cfg = load_params(stage, params_dir, overrides)
     method = get_method(cfg, f"{params_dir}/{stage}.yaml")
+    if method.virtual_tokens and cfg.training.eval_steps > 0:
+        # HF Trainer's evaluation and best-checkpoint reload do not handle virtual tokens (labels one prompt
+        # shorter than the logits; peft refuses load_best_model_at_end for prompt learning): such a run trains
+        # unmonitored, says so, and records eval_steps 0 in its params, so `dvc exp run -S method=prompt` works
+        print(f"warning: {stage}: validation monitoring is off for method {cfg.method} (virtual tokens); "
+              f"training.eval_steps {cfg.training.eval_steps} -> 0", file=sys.stderr)
+        cfg.training.eval_steps = 0
+        cfg.training.early_stopping_patience = 0
     model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
     return base, cfg, method, model, load_tokenizer(input_dir, base.trust_remote_code)
 
