@@ -28,7 +28,8 @@ def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, colla
         out = model(**batch, use_cache=False)
         total += float(out.loss) * n
         count += n
-        nll = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        logits = out.logits[:, out.logits.shape[1] - batch["labels"].shape[1]:]  # prompt tuning prepends virtual tokens
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none")
         tokens = mask.sum(-1)
         per_row += [float(x) for x in ((nll * mask).sum(-1) / tokens.clamp(min=1))[tokens > 0]]
     loss = total / max(count, 1)
