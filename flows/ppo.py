@@ -145,6 +145,11 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
             sft_model, sft_ctx = ref_model, contextlib.nullcontext
         evaluation, table = evaluate_ppo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
                                          job.val_prompts, cfg, base.seed)
+        general = None
+        if job.general:  # the SFT policy (adapter off / frozen copy) against the trained one, same paragraphs;
+            with sft_ctx():  # before the save, which merges the adapter away
+                general_sft = general_losses(sft_model, job.general, tokenizer.pad_token_id)
+            general = retention(general_sft, general_losses(policy, job.general, tokenizer.pad_token_id), base.seed)
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
@@ -155,12 +160,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
             reward_trend = trend.text()
         else:
             reward_trend = f"(needs >= 3 steps, ran {len(h)})"
-        metrics = {"train": train, "eval": evaluation}
-        if job.general:  # the SFT policy (adapter off / frozen copy) against the trained one, same paragraphs
-            with sft_ctx():
-                general_sft = general_losses(sft_model, job.general, tokenizer.pad_token_id)
-            metrics["general_retention"] = retention(general_sft, general_losses(policy, job.general,
-                                                                                 tokenizer.pad_token_id), base.seed)
+        metrics = {"train": train, "eval": evaluation, **({"general_retention": general} if general else {})}
         rec.write_metrics(metrics)
         rec.write_plot([{k: v for k, v in x.items()} for x in h], "train",
                        ys=("reward_mean", "kl", "kl_coef", "entropy", "value_loss", "clip_fraction"))

@@ -384,7 +384,8 @@ def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[s
     if isinstance(getattr(cfg, "training", None), TrainingArgs):
         from refinery.modeling.precision import resolve
 
-        cfg.training.precision = resolve(load_params("base", params_dir).precision)
+        has_base = (Path(params_dir) / "base.yaml").is_file()  # a lone stage file (tests, scripts): the default
+        cfg.training.precision = resolve((load_params("base", params_dir) if has_base else BaseParams()).precision)
     return cfg
 
 

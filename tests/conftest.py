@@ -32,14 +32,14 @@ TINY_OVERRIDES = {
     "sft.yaml": {"block_size": 256, "training": {"max_steps": 4, "batch_size": 2, "lr": 0.003, "save_steps": 2,
                                                  "eval_steps": 0, "early_stopping_patience": 0},
                  "eval": {"max_examples_per_task": 2, "max_new_tokens": 4},
-                 "tasks": {t: {"max_new_tokens": 4} for t in ("summarize", "which_module", "explain_topic")}},
+                 "tasks": {t: {"max_new_tokens": 4, "weight": 1.0} for t in ("summarize", "which_module", "explain_topic")}},
     "compare.yaml": {"max_steps": 2, "sft_overrides": {"eval.max_examples_per_task": 1, "eval.max_new_tokens": 2,
                                                        "block_size": 128}},
     "reward.yaml": {"max_length": 128, "training": {"max_steps": 4, "batch_size": 4, "lr": 0.003, "save_steps": 2,
                                                     "eval_steps": 0, "early_stopping_patience": 0},
                     "eval": {"max_pairs": 8}},
     "ppo.yaml": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "eval_prompts": 4,
-                 "eval_max_new_tokens": 6, "save_steps": 1},
+                 "eval_max_new_tokens": 6, "save_steps": 1, "lr": 0.0001, "ppo_epochs": 1, "init_kl_coef": 0.05},
 }
 
 
