@@ -264,3 +264,20 @@ def test_report_page_in_headless_chromium(tmp_path):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels.shape[1] >= 1200, pixels.shape
     assert pixels[..., :3].std() > 0.05, "the screenshot is blank"
+
+
+def test_general_domain_retention_table():
+    from refinery.evaluation.forgetting import retention
+
+    m, _ = synthetic()
+    before = [2.0 + 0.01 * (i % 5) for i in range(64)]
+    m["dapt"]["general_retention"] = retention(before, [b + 0.1 for b in before], seed=0)  # +10.5%: beyond 5%
+    m["sft"]["general_retention"] = retention(before, [b - 0.01 for b in before], seed=0)
+    text, _ = build_report(m)
+    table = text.split("## General-domain retention (forgetting)")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| dapt") or line.startswith("| sft")]
+    assert len(rows) == 2
+    assert "| dapt: general-domain perplexity (beyond +5%) | 64 |" in rows[0] and rows[0].endswith("| worse |")
+    assert "+0.1052 [+0.1052, +0.1052]" in rows[0]  # exp(0.1) - 1, no spread
+    assert "(within +5%)" in rows[1] and rows[1].endswith("| improved |")
+    assert "dapt: general-domain perplexity *worse*" in text  # and in the verdict summary
