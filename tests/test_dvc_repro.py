@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from refinery.ops import metrics_contract as mc
 from refinery.ops.dag import flow_name
 from tests.conftest import REPO, answers, free_port, write_tiny_params
 
@@ -134,7 +135,9 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     assert data_tags and all(t.get("dvc_md5") and t.get("mlflow.data.context") == "training" for t in data_tags)
     # the registered version carries the gate's decision; the tiny policy is rarely a significant win, so
     # it may be `challenger`: load it by the alias it was given
-    version = max(mlflow.MlflowClient().search_model_versions("name='llm-refinery-policy'"), key=lambda v: int(v.version))
+    client = mlflow.MlflowClient()
+    latest = max(client.search_model_versions("name='llm-refinery-policy'"), key=lambda v: int(v.version))
+    version = client.get_model_version("llm-refinery-policy", latest.version)  # search results carry no aliases
     assert version.aliases and version.aliases[0] in ("champion", "challenger") and version.tags.get("alias_decision")
     assert "win_rate_ci_low" in version.tags
     policy = mlflow.pyfunc.load_model(f"models:/llm-refinery-policy@{version.aliases[0]}")
@@ -217,10 +220,11 @@ def test_prefect_sweep_and_dvc_exp_agree(repo):
     root, env = repo
     sh(f"{sys.executable} -m flows.sweep --name lr --grid training.lr=0.001,0.002 --parallel 2 --task-runner dask",
        root, env)
-    swept = json.loads((root / "experiments" / "lr" / "training.lr=0.002" / "metrics" / "sft.json").read_text())
+    # the whole evaluations (per-task losses are not headline numbers)
+    swept = mc.read_evaluation("sft", root / "experiments" / "lr" / "training.lr=0.002")
     shutil.rmtree(root / "checkpoints" / "sft")  # or `dvc exp run` would resume from the sweep's checkpoint
     sh("dvc exp run sft -S params/sft.yaml:training.lr=0.002", root, env)
-    exp = json.loads((root / "metrics" / "sft.json").read_text())
+    exp = mc.read_evaluation("sft", root)
     assert exp["train"]["final_loss"] == pytest.approx(swept["train"]["final_loss"], abs=1e-5)
     for task, scores in exp["after"]["tasks"].items():
         assert scores["loss"] == pytest.approx(swept["after"]["tasks"][task]["loss"], abs=1e-5), task
