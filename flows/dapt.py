@@ -9,7 +9,7 @@ from prefect import flow
 from refinery.data.corpus import corpus_rows, sample_prompts
 from refinery.data.packing import PadCollator
 from refinery.errors import UserError
-from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
 from refinery.evaluation.heldout import generate, row_losses
 from refinery.evaluation.stats import paired_difference
 from refinery.modeling.manifest import hash_obj
@@ -118,8 +118,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
                                                   f"{comparison['eval_loss_change']['ci_high']:+.4f}] "
                                                   f"n={comparison['eval_loss_change']['n']}, "
                                                   f"{comparison['eval_loss_change']['verdict']}"),
-                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
-                    if "general_retention" in metrics else {}),
+                 **retention_summary(metrics),
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(job.params)[:12],
                  "data hash": job.input_hashes["corpus"][:12]}
         publish_summary("dapt", summary_markdown("dapt", "domain-adaptive pretraining", lines, rec.run_url, out_dir),

@@ -17,7 +17,7 @@ from refinery.config import load_params
 from refinery.data.chat import prompt_ids
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
-from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
 from refinery.evaluation.stats import slope
 from refinery.modeling.loading import (
     full_weights_of,
@@ -172,8 +172,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
                                               f"{evaluation['win_rate']['ci_high']:.3f}] n={evaluation['n']}, "
                                               f"{evaluation['win_rate']['verdict']}"),
                  "reward slope per step [95% CI]": reward_trend,
-                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
-                    if "general_retention" in metrics else {}),
+                 **retention_summary(metrics),
                  "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
                  "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
                                                  f"{evaluation['reference_score_sft']:.3f}"}

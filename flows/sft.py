@@ -10,7 +10,7 @@ from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, load_task, mixture_probs
 from refinery.data.packing import PadCollator
 from refinery.errors import UserError
-from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_text
+from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
 from refinery.evaluation.sft_tasks import compare_tasks, evaluate_tasks
 from refinery.modeling.manifest import hash_obj
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
@@ -148,8 +148,7 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                   "share": share[k]} for k, v in after["tasks"].items()]
         lines = {"method": cfg.method, "mean score": f"{ref['mean_score']:.3f} -> {after['mean_score']:.3f}",
                  "trainable": f"{trainable:,} ({100 * trainable / total:.3f}%)",
-                 **({"general-domain perplexity": retention_text(metrics["general_retention"])}
-                    if "general_retention" in metrics else {}),
+                 **retention_summary(metrics),
                  "tokens/s": metrics["train"]["tokens_per_second"], "params hash": hash_obj(params)[:12]}
         publish_summary(stage, summary_markdown(stage, "multi-task SFT", lines, rec.run_url, out_dir), table)
     for row in table:

@@ -22,10 +22,14 @@ from refinery.data.records import BadRecord, load_valid
 SPLITS = ("train", "validation")
 
 
-def split_of(record_id: str, seed: int, validation_fraction: float) -> str:
+def id_position(record_id: str, seed: int) -> float:
+    """Where a record's id hashes to in [0, 1): what decides its split."""
     digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "validation" if u < validation_fraction else "train"
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(record_id: str, seed: int, validation_fraction: float) -> str:
+    return "validation" if id_position(record_id, seed) < validation_fraction else "train"
 
 
 def split_records(records: list[dict], seed: int, fraction: float, min_validation: int = 0) -> dict[str, list[dict]]:
@@ -37,7 +41,7 @@ def split_records(records: list[dict], seed: int, fraction: float, min_validatio
         out[split_of(rec["id"], seed, fraction)].append(rec)
     short = min(min_validation, len(records) // 2) - len(out["validation"])
     if short > 0:
-        by_hash = sorted(out["train"], key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())
+        by_hash = sorted(out["train"], key=lambda r: id_position(r["id"], seed))
         moved = {id(r) for r in by_hash[:short]}
         out["validation"] += [r for r in out["train"] if id(r) in moved]
         out["train"] = [r for r in out["train"] if id(r) not in moved]

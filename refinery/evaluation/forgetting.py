@@ -64,3 +64,9 @@ def retention_text(block: dict) -> str:
     return (f"{block['perplexity_before']:.2f} -> {block['perplexity_after']:.2f} "
             f"({block['perplexity_change']:+.1%} [{block['ci_low']:+.1%}, {block['ci_high']:+.1%}], n={block['n']}, "
             f"{block['verdict']}; {'within' if block['retained'] else 'beyond'} +{block['tolerance']:.0%})")
+
+
+def retention_summary(metrics: dict) -> dict[str, str]:
+    """The Prefect summary's line for a stage's metrics: {} when retention was not measured."""
+    block = metrics.get("general_retention")
+    return {"general-domain perplexity": retention_text(block)} if block else {}

@@ -23,8 +23,7 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
         loss = summary["eval_loss"]
         prompts = [prompt_ids(tokenizer, r["prompt"])
                    for r in records]
-        spec = cfg.tasks.get(task) if hasattr(cfg, "tasks") else None
-        new_tokens = (spec.max_new_tokens if spec is not None else None) or cfg.eval.max_new_tokens
+        new_tokens = cfg.tasks[task].max_new_tokens or cfg.eval.max_new_tokens
         gens = generate_batch(model, tokenizer, prompts, new_tokens, cfg.eval.batch_size)
         fn = METRICS[metrics[task]]
         scores = [fn(g, r["response"]) for g, r in zip(gens, records)]

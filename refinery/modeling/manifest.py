@@ -29,11 +29,26 @@ def hash_path(path: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
     path = Path(path)
     if path.is_file():
         return hash_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude):
-        h.update(str(f.relative_to(path)).encode())
-        hash_file(f, h)
-    return h.hexdigest()
+    return hash_folder(path, exclude, per_file=False)[0]
+
+
+def hash_folder(folder: Path, exclude: tuple[str, ...] = (MANIFEST,),
+                per_file: bool = True) -> tuple[str, dict[str, str]]:
+    """(hash_path of the folder, {relative name: sha256 of that file}), reading each file once: a manifest
+    needs both, and a model folder is hundreds of MB."""
+    whole, files = hashlib.sha256(), {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude):
+        name = str(f.relative_to(folder))
+        whole.update(name.encode())
+        one = hashlib.sha256() if per_file else None
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                whole.update(chunk)
+                if one is not None:
+                    one.update(chunk)
+        if one is not None:
+            files[name] = one.hexdigest()
+    return whole.hexdigest(), files
 
 
 def hash_obj(obj) -> str:
@@ -71,6 +86,7 @@ def package_versions() -> dict[str, str]:
 
 def build_manifest(stage: str, out_dir: Path, *, params: dict, inputs: dict[str, str | Path],
                    tokenizer_hash: str | None, seed: int | None) -> dict:
+    output_hash, files = hash_folder(Path(out_dir))
     return {
         "stage": stage,
         "params_hash": hash_obj(params),
@@ -79,15 +95,9 @@ def build_manifest(stage: str, out_dir: Path, *, params: dict, inputs: dict[str,
         "seed": seed,
         "packages": package_versions(),
         "git_commit": git_commit(),
-        "output_hash": hash_path(out_dir),
-        "files": file_hashes(out_dir),  # so `verify` can name what changed, not only that something did
+        "output_hash": output_hash,
+        "files": files,  # per file as well, so `verify` can name what changed, not only that something did
     }
-
-
-def file_hashes(folder: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    folder = Path(folder)
-    return {str(f.relative_to(folder)): hash_file(f)
-            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude)}
 
 
 def changed_files(recorded: dict[str, str], actual: dict[str, str]) -> str:
@@ -111,10 +121,10 @@ def verify(folder: str | Path) -> tuple[bool, str]:
     manifest = read_manifest(folder)
     if manifest is None:
         return False, f"{folder}: no {MANIFEST}"
-    actual = hash_path(folder)
+    actual, files = hash_folder(Path(folder))
     if actual != manifest.get("output_hash"):
         recorded = manifest.get("output_hash", "")[:12]
-        which = changed_files(manifest["files"], file_hashes(folder)) if "files" in manifest else ""
+        which = changed_files(manifest["files"], files) if "files" in manifest else ""
         return False, (f"{folder}: contents changed since the manifest was written ({actual[:12]} != {recorded})"
                        + (f": {which}" if which else ""))
     return True, f"{folder}: matches its manifest ({actual[:12]}, stage {manifest.get('stage')})"
