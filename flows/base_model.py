@@ -10,6 +10,7 @@ from refinery.evaluation.heldout import generate
 from refinery.modeling.base_import import import_base
 from refinery.modeling.manifest import build_manifest, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import count_parameters
+from refinery.ops.dvc_deps import check_stage
 from refinery.ops.prefect_artifacts import metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import open_stage_record, refuse, run_name, stage_main, summary_markdown
@@ -33,10 +34,14 @@ def base_model_flow(params_dir: str = "params", out_dir: str = "models/base", ov
     try:
         base = load_params("base", params_dir)
         cfg = load_params("base_model", params_dir, overrides)
+        if params_dir == "params":  # the DVC stage: a local folder it reads must be a dep (refinery/ops/dvc_deps.py)
+            check_stage("base_model")
         model, tokenizer = import_base(cfg, base.seed, base.trust_remote_code)
     except UserError as exc:
         return refuse(exc)
     params = {"base": base.model_dump(), "base_model": cfg.model_dump()}
+    if cfg.source == "hub":  # what a branch or tag resolved to, so the manifest (and dvc.lock) pin it
+        params["base_model"]["resolved_revision"] = getattr(model.config, "_commit_hash", None)
     with open_stage_record("base_model", base, params, name=run_name("base_model", cfg.source)) as rec:
         answer = generate(model, tokenizer, [SMOKE_PROMPT], max_new_tokens=16)[0]
         manifest = save_base(model, tokenizer, out_dir, params, base.seed)

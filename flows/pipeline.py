@@ -25,6 +25,7 @@ from prefect.states import Completed
 from refinery.atomic import atomic_write_json
 from refinery.config import apply_overrides, load_params
 from refinery.errors import UserError, exit_on_user_error
+from refinery.ops import dvc_deps
 from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import child_env, close_unfinished
@@ -129,6 +130,8 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
                   force: bool = False, name: str | None = None):
     try:
         apply_overrides(overrides or {})
+        for change in dvc_deps.sync():  # data paths named in params/ become deps before DVC decides what is stale
+            print(f"pipeline: dvc.yaml updated: {change}")
         stages = select(stage_order(), from_stage, to_stage)
         base = load_params("base")
     except UserError as exc:

@@ -8,6 +8,7 @@ from refinery.config import load_params
 from refinery.data.prepare import prepare_all
 from refinery.errors import UserError
 from refinery.modeling.loading import load_tokenizer
+from refinery.ops.dvc_deps import check_stage
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.stage_cli import open_stage_record, refuse, stage_main, summary_markdown
 
@@ -21,6 +22,8 @@ def prepare_flow(params_dir: str = "params", model_dir: str = "models/base", out
     try:
         base = load_params("base", params_dir)
         cfg = load_params("prepare", params_dir, overrides)
+        if params_dir == "params":  # the DVC stage: every file it reads must be a dep (refinery/ops/dvc_deps.py)
+            check_stage("prepare")
         tokenizer = load_tokenizer(model_dir, base.trust_remote_code)
         context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 10**9)
         with atomic_dir(out_dir) as tmp:  # validation errors raise before the rename: nothing is written

@@ -56,7 +56,7 @@ class SftInputs(StageInputs):
         """The fixed validation slice monitored during training: the held-out examples of every task (the
         ones the after-eval scores), one row each, response-only labels."""
         n = self.cfg.eval.max_examples_per_task
-        return [dict(zip(("input_ids", "labels"), render_example(self.tokenizer, r["prompt"], r["response"])))
+        return [dict(zip(("input_ids", "labels"), render_example(self.tokenizer, r["prompt"], r["response"], all_turns=False)))
                 for records in self.val.values() for r in records[:n]]
 
 
@@ -66,7 +66,9 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     folder = Path(data_dir) / "sft"
     train = {t: load_task(folder, t, "train") for t in cfg.tasks}
     val = {t: load_task(folder, t, "validation") for t in cfg.tasks}
-    pools = {t: [render_example(tokenizer, r["prompt"], r["response"]) for r in recs] for t, recs in train.items()}
+    all_turns = cfg.loss_on == "all_turns"
+    pools = {t: [render_example(tokenizer, r["prompt"], r["response"], all_turns) for r in recs]
+             for t, recs in train.items()}
     probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
                           cfg.mixing, cfg.temperature)
     t = cfg.training

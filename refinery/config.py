@@ -151,6 +151,9 @@ class TinyArgs(Strict):
 class BaseModelParams(Strict):
     source: Literal["smollm2", "tiny", "local", "hub"] = "smollm2"
     path: str | None = None  # folder for `local`, model id for `hub`
+    # hub only: the branch, tag or commit to load; the commit it resolved to is recorded in models/base's
+    # manifest (an out in dvc.lock), so a moving branch shows up as a changed base model
+    revision: str | None = None
     tiny: TinyArgs = Field(default_factory=TinyArgs)
 
     @model_validator(mode="after")
@@ -160,14 +163,36 @@ class BaseModelParams(Strict):
         return self
 
 
+class DataSourceParams(Strict):
+    """A data set given in full; a plain string is the same as `{path: <string>}`. Formats and file types:
+    refinery/data/formats.py."""
+    path: str  # .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub dataset name
+    format: str = "auto"  # auto: detected from the columns; or one of formats.FORMATS[<kind>]
+    revision: str | None = None  # hub datasets: the commit or tag to load (recorded in the prepare report)
+    split: str = "train"  # hub datasets and save_to_disk folders holding several splits
+
+
+DataSource = str | DataSourceParams
+
+
 class DatasetsParams(Strict):
-    corpus: str
-    sft: dict[str, str]  # task name -> JSONL path
-    preferences: str
-    prompts: str
-    # general-domain held-out text ({"id", "text"} per line), never trained on: dapt, sft and ppo measure its
+    corpus: DataSource
+    sft: dict[str, DataSource]  # task name -> data set
+    preferences: DataSource
+    prompts: DataSource
+    # general-domain held-out text (`text` per record), never trained on: dapt, sft and ppo measure its
     # perplexity before and after (retention, catastrophic forgetting). null: not measured
-    general: str | None = None
+    general: DataSource | None = None
+
+    def sources(self) -> dict[str, tuple[DataSource, str]]:
+        """Prepared set name -> (source, record kind), in the order prepare writes them."""
+        out: dict[str, tuple[DataSource, str]] = {"corpus": (self.corpus, "corpus"),
+                                                  "preferences": (self.preferences, "preferences"),
+                                                  "prompts": (self.prompts, "prompts")}
+        out.update({f"sft/{task}": (src, "sft") for task, src in self.sft.items()})
+        if self.general is not None:  # held out whole: it is only ever evaluated on
+            out["general"] = (self.general, "corpus")
+        return out
 
 
 class PrepareParams(Strict):
@@ -209,6 +234,8 @@ class SftParams(MethodParams):
     mixing: Literal["proportional", "temperature"] = "proportional"
     temperature: float = Field(2.0, gt=0)
     block_size: int = Field(512, gt=8)  # packed row length (tokens)
+    # multi-turn conversations: learn every assistant turn, or only the final answer (the one evaluated)
+    loss_on: Literal["all_turns", "last_turn"] = "all_turns"
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: SftEvalArgs = Field(default_factory=SftEvalArgs)
 

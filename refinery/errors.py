@@ -12,11 +12,13 @@ class UserError(Exception):
     """Bad input from the user (data, params, paths). Printed as one line, exit code 2."""
 
 
-def where(path, line: int | None = None, field: str | None = None) -> str:
-    """`file:line: field 'x'` prefix used by every data/params error."""
+def where(path, line: int | None = None, field: str | None = None, row: int | None = None) -> str:
+    """`file:line: field 'x'` prefix used by every data/params error (`file: row N: ...` without lines)."""
     out = str(path)
     if line is not None:
         out += f":{line}"
+    elif row is not None:
+        out += f": row {row}"
     if field is not None:
         out += f": field '{field}'"
     return out

@@ -273,3 +273,16 @@ def test_set_with_out_dir_leaves_the_params_file_alone(dapt_project):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (root / "params" / "dapt.yaml").read_text() == before
     assert (root / "elsewhere" / "dapt" / "config.json").is_file() and not (root / "models" / "dapt").exists()
+
+
+def test_refinery_console_command_runs_a_stage_like_python_m(project, api_env):
+    """`pip install -e .` installs `refinery`; `refinery stage prepare` is `python -m flows.prepare`."""
+    exe = Path(sys.executable).parent / "refinery"
+    assert exe.is_file(), "the console entry point is not installed: run `make install` (pip install -e .)"
+    env = {**os.environ, **api_env}
+    bad = subprocess.run([str(exe), "stage", "bogus"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected one of base_model" in bad.stderr
+    ok = subprocess.run([str(exe), "stage", "prepare"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads((project / "data" / "prepared" / "report.json").read_text())
+    assert report["sets"]["sft/summarize"]["kept"] > 0

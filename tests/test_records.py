@@ -78,6 +78,7 @@ def test_validator_accepts_exactly_complete_string_records(kind, rec):
         assert problem[0] in fields and problem[1]
 
 
+@settings(deadline=None, max_examples=40)  # each example is a `datasets` load (~50 ms; the first imports it)
 @given(st.text(min_size=1).filter(lambda s: s.strip() and "\ufffd" not in s))
 def test_roundtrip_through_jsonl(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("h") / "c.jsonl"

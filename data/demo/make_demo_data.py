@@ -132,6 +132,45 @@ AMBIGUITY_MODULES = [
     "weakref",
 ]
 
+# Hard negatives for the preference pairs. A reward model that only ever saw "a wrong stdlib module" and
+# "another object's summary" as rejected answers scores anything else highly: the first measured PPO run
+# learned to answer every which_module prompt with "pandas" (RM score 3.0 against 0.5 for a right
+# stdlib answer). A share of the rejected answers are therefore the failure modes a policy finds:
+# non-stdlib packages, prose instead of a name, the object's own name; vague and cut-off summaries.
+HARD_NEGATIVE_SEED = 5678
+HARD_NEGATIVE_SHARE = 0.5
+NOT_STDLIB = ["numpy", "pandas", "requests", "scipy", "django", "flask", "matplotlib", "pygame", "pytest",
+              "torch", "sklearn", "yaml", "attrs", "six", "click", "jinja2", "sqlalchemy", "boto3",
+              "PyPy", "Python", "python", "stdlib", "builtins.py", "pip", "setuptools"]
+PROSE_ANSWERS = ["Python.", "Python's standard-library module.", "The standard library.",
+                 "It is defined in the standard library.", "I don't know.", "The {name} {kind}.",
+                 "The module that defines {name}.", "{name} is part of the Python standard library."]
+VAGUE_SUMMARIES = ["Do something.", "This is a function.", "A class.", "A method.", "Return the result.",
+                   "It does what the documentation says.", "See the documentation.", "Python.",
+                   "This {kind} is part of the standard library.", "Handle {name}."]
+
+
+def hard_which_module_negative(rng: random.Random, e: "Entry") -> str:
+    """A rejected answer to "which module defines X": a non-stdlib package, prose, or X's own name."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return rng.choice(NOT_STDLIB)
+    if kind == 1:
+        return rng.choice(PROSE_ANSWERS).format(name=e.name, kind=e.kind)
+    return e.name.rpartition(".")[2]
+
+
+def hard_summary_negative(rng: random.Random, e: "Entry", truth: str) -> str | None:
+    """A rejected summary: a vague sentence, or the true summary cut to its first two or three words
+    (None when the summary is too short to cut)."""
+    if rng.random() < 0.5:
+        return rng.choice(VAGUE_SUMMARIES).format(name=e.name.rpartition(".")[2], kind=e.kind)
+    words = truth.rstrip(".").split()
+    if len(words) < 5:
+        return None
+    return " ".join(words[:rng.choice((2, 3))]) + "."
+
+
 # Sizes.
 N_PROMPTS = {"which_module": 50, "summarize": 50}
 N_PREFS = {"which_module": 200, "summarize": 200}
@@ -569,9 +608,14 @@ def main() -> None:
 
     # ---- preferences ----------------------------------------------------- #
     module_names = sorted(d for d, _, _ in MODULES)
+    # Hard negatives come from their own generator so that adding them left every other file
+    # byte-identical (the main rng's draws are unchanged).
+    hard_rng = random.Random(HARD_NEGATIVE_SEED)
     prefs = []
     for e in buckets[("preferences", "which_module")]:
         wrong = rng.choice([m for m in module_names if m != e.module])
+        if hard_rng.random() < HARD_NEGATIVE_SHARE:
+            wrong = hard_which_module_negative(hard_rng, e)
         prefs.append({"id": f"pref:which_module:{e.qualname}", "prompt": wm_prompt(e),
                       "chosen": e.module, "rejected": wrong, "task": "which_module"})
     pref_summ = buckets[("preferences", "summarize")]
@@ -581,9 +625,11 @@ def main() -> None:
                   if o.module != e.module and summ_data[o.qualname][1] != truth]
         same_kind = [o for o in others if o.kind == e.kind]
         distractor = rng.choice(same_kind or others)
+        rejected = summ_data[distractor.qualname][1]
+        if hard_rng.random() < HARD_NEGATIVE_SHARE:
+            rejected = hard_summary_negative(hard_rng, e, truth) or rejected
         prefs.append({"id": f"pref:summarize:{e.qualname}", "prompt": summ_data[e.qualname][0],
-                      "chosen": truth, "rejected": summ_data[distractor.qualname][1],
-                      "task": "summarize"})
+                      "chosen": truth, "rejected": rejected, "task": "summarize"})
     rng.shuffle(prefs)
 
     # ---- held-out prompts -------------------------------------------------- #

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from refinery.config import PrepareParams
 from refinery.data.chat import conversation_ids, prompt_ids
+from refinery.data.formats import Source, hub_revision, is_hub_name
 from refinery.data.records import BadRecord, load_valid
 
 SPLITS = ("train", "validation")
@@ -65,6 +66,11 @@ def token_length_fns(tokenizer):
     }
 
 
+def to_source(src) -> Source:
+    """params/prepare.yaml's entry (a path, or {path, format, revision, split}) as a formats.Source."""
+    return Source(src) if isinstance(src, str) else Source(src.path, src.format, src.revision, src.split)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -77,17 +83,13 @@ def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: i
     max_len = min(params.max_length, model_max_length)
     lengths = token_length_fns(tokenizer)
     ds = params.datasets
-    sets: dict[str, tuple[str, str]] = {"corpus": (ds.corpus, "corpus"), "preferences": (ds.preferences, "preferences"),
-                                        "prompts": (ds.prompts, "prompts")}
-    sets.update({f"sft/{task}": (path, "sft") for task, path in ds.sft.items()})
-    if ds.general is not None:  # held out whole: it is only ever evaluated on
-        sets["general"] = (ds.general, "corpus")
+    sets = {name: (to_source(src), kind) for name, (src, kind) in ds.sources().items()}
 
     loaded: dict[str, tuple[list[dict], list[BadRecord]]] = {}
-    for name, (path, kind) in sets.items():
+    for name, (src, kind) in sets.items():
         # the corpus is chunked into blocks by DAPT, so its documents have no length limit
         fn = None if kind == "corpus" else lengths[kind]
-        loaded[name] = load_valid(path, kind, params.on_bad_record, fn, max_len)
+        loaded[name] = load_valid(src, kind, params.on_bad_record, fn, max_len)
 
     report: dict = {"max_length": max_len, "on_bad_record": params.on_bad_record, "sets": {}}
     for name, (records, dropped) in loaded.items():
@@ -95,8 +97,11 @@ def prepare_all(params: PrepareParams, tokenizer, model_max_length: int, seed: i
                  split_records(records, seed, params.validation_fraction, params.min_validation))
         for split, recs in parts.items():
             write_jsonl(out / name / f"{split}.jsonl", recs)
+        src = sets[name][0]
         report["sets"][name] = {
-            "source": sets[name][0],
+            "source": src.path,
+            **({"format": src.format} if src.format != "auto" else {}),
+            **({"revision": hub_revision(src)} if is_hub_name(src.path) else {}),
             "kept": len(records),
             "train": len(parts.get("train", [])),
             "validation": len(parts["validation"]),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from refinery.data.chat import prompt_ids, render_example
+from refinery.data.formats import prompt_text
 from refinery.data.packing import PadCollator
 from refinery.evaluation.heldout import generate_batch, row_losses
 from refinery.evaluation.stats import paired_difference
@@ -17,7 +18,7 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
     result, samples, per_example = {}, [], {}
     for task, records in val.items():
         records = records[:cfg.eval.max_examples_per_task]
-        rows = [dict(zip(("input_ids", "labels"), render_example(tokenizer, r["prompt"], r["response"])))
+        rows = [dict(zip(("input_ids", "labels"), render_example(tokenizer, r["prompt"], r["response"], all_turns=False)))
                 for r in records]
         summary, losses = row_losses(model, rows, cfg.eval.batch_size, len(rows), collate)
         loss = summary["eval_loss"]
@@ -29,7 +30,7 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
         scores = [fn(g, r["response"]) for g, r in zip(gens, records)]
         per_example[task] = {"score": scores, "loss": losses}
         result[task] = {"loss": loss, "score": sum(scores) / len(scores), "metric": metrics[task], "n": len(records)}
-        samples += [{"task": task, "prompt": r["prompt"][:300], "reference": r["response"], "generation": g,
+        samples += [{"task": task, "prompt": prompt_text(r["prompt"])[:300], "reference": r["response"], "generation": g,
                      "score": round(s, 3)} for r, g, s in zip(records[:3], gens[:3], scores[:3])]
     mean = sum(v["score"] for v in result.values()) / len(result)
     return {"tasks": result, "mean_score": mean}, samples, per_example

@@ -77,11 +77,11 @@ def load_local(path: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def load_hub(model_id: str, trust_remote_code: bool):
+def load_hub(model_id: str, trust_remote_code: bool, revision: str | None = None):
     try:
-        AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_id, use_safetensors=True,
+        AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -99,7 +99,7 @@ def import_base(params: BaseModelParams, seed: int, trust_remote_code: bool):
     elif params.source == "local":
         model, tokenizer = load_local(params.path, trust_remote_code)
     else:
-        model, tokenizer = load_hub(params.path, trust_remote_code)
+        model, tokenizer = load_hub(params.path, trust_remote_code, params.revision)
     if not tokenizer.chat_template:
         raise UserError(f"base model ({params.source}: {params.path or 'bundled'}): tokenizer has no chat "
                         "template; SFT renders examples with it")

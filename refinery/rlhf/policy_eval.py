@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from refinery.data.formats import prompt_text
 from refinery.evaluation.stats import paired_difference, win_rate
 from refinery.evaluation.text_metrics import METRICS
 from refinery.rlhf.rollout import response_logits, sample
@@ -64,6 +65,6 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
               "win_rate": wins.as_dict(),
               "reward_change": paired_difference(s_sft.tolist(), s_pol.tolist(), seed=seed).as_dict(),
               "reference_score_change": paired_difference(ref_sft, ref_pol, seed=seed).as_dict()}
-    table = [{"prompt": p[:300], "reference": r["reference"], "ppo": a, "sft": b, "rm_ppo": round(float(x), 3),
+    table = [{"prompt": prompt_text(p)[:300], "reference": r["reference"], "ppo": a, "sft": b, "rm_ppo": round(float(x), 3),
               "rm_sft": round(float(y), 3)} for p, r, a, b, x, y in zip(prompts, records, a_pol, a_sft, s_pol, s_sft)]
     return result, table

@@ -19,7 +19,7 @@ from refinery.data.packing import pad_with_mask
 from refinery.modeling.loading import load_scalar_model
 
 
-def render(tokenizer, prompt: str, answer: str, max_length: int) -> list[int]:
+def render(tokenizer, prompt: str | list[dict], answer: str, max_length: int) -> list[int]:
     ids = conversation_ids(tokenizer, prompt, answer)
     return ids[-max_length:]  # keep the answer end: the head reads the last token
 
