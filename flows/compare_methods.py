@@ -15,6 +15,8 @@ from prefect import flow
 
 from refinery.config import load_params
 from refinery.errors import UserError
+from refinery.evaluation.method_claims import judge
+from refinery.evaluation.stats import NO_CHANGE, WORSE, mean_of_task_means
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import fan_out_runner
 from refinery.ops.prefect_tasks import uncached_task
@@ -22,7 +24,8 @@ from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import open_stage_record, refuse, stage_main
 
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
-           "tokens_per_second", "eval_loss", "score", "score_before", "status")
+           "tokens_per_second", "eval_loss", "score", "score_ci", "vs_best", "seeds_claim", "agrees", "why_not",
+           "status")
 
 
 @uncached_task(task_run_name="sft-{method}", retries=0)
@@ -38,13 +41,40 @@ def run_method(method: str, params_dir: str, input_dir: str, data_dir: str, out:
                                                             "seconds_per_step", "tokens_per_second")},
             "eval_loss": round(sum(t["loss"] for t in tasks_after) / len(tasks_after), 4),
             "score": round(m["after"]["mean_score"], 4),
-            "score_before": round(m["before"]["mean_score"], 4) if "before" in m else "",
+            "per_example": m.get("per_example_after", {}),
             "status": "ok"}
 
 
-FOOTER = ("`trainable_percent` = trainable / all parameters; `score` = mean held-out task metric after SFT "
-          "(`score_before`: the input model); `peak_memory_mb` = peak RSS of the method's process (CPU) or "
-          "peak CUDA memory allocated (GPU).")
+def add_evidence(rows: list[dict], seed: int) -> list[dict]:
+    """Per method: the score's 95% CI (examples resampled within each task), the paired difference to the
+    best method on the same held-out examples (`within noise` when its CI contains 0), and the seeds'
+    claims for the method against what this run measured (refinery/evaluation/method_claims.py)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_example")]
+    full = next((r for r in ok if r["method"] == "full"), None)
+    best = max(ok, key=lambda r: r["score"], default=None)
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        if r.get("per_example"):
+            e = mean_of_task_means(r["per_example"], seed=seed)
+            r["score_ci"] = f"[{e.ci_low:.3f}, {e.ci_high:.3f}] n={e.n}"
+            if r is best:
+                r["vs_best"] = "best"
+            else:
+                d = mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
+                r["vs_best"] = (f"{d.estimate:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]: "
+                                + ("within noise" if d.verdict == NO_CHANGE else "worse" if d.verdict == WORSE else "better"))
+        j = judge(r["method"], r, full)
+        r.update({"seeds_claim": j["claim"], "agrees": j["agrees"], "why_not": j["why"]})
+    return rows
+
+
+FOOTER = ("`trainable_percent` = trainable / all parameters; `score` = mean over tasks of the held-out task metric "
+          "after SFT, `score_ci` its 95% bootstrap CI (examples resampled within each task); `vs_best` = the paired "
+          "difference to the best method on the same examples with its 95% CI (`within noise`: the CI contains 0, "
+          "so this run cannot rank the two); `peak_memory_mb` = peak RSS of the method's process (CPU) or peak CUDA "
+          "memory allocated (GPU); `seeds_claim` = the seed articles' table (parameters updated, compute, memory: "
+          "low < 0.5x full, medium < 0.8x, high) against this run, `why_not` where they disagree.")
 
 
 def plot_quality(rows: list[dict], path: Path) -> Path | None:
@@ -90,11 +120,12 @@ def compare_flow(params_dir: str = "params", input_dir: str = "models/dapt", dat
                 "method": m, "params_dir": params_dir, "input_dir": input_dir, "data_dir": data_dir, "out": out_dir,
                 "overrides": {**base_overrides, **({"training.lr": cfg.lr[m]} if m in cfg.lr else {})}, "env": env})
                 for m in cfg.methods]
-            rows = [f.result() for f in futures]
+            rows = add_evidence([f.result() for f in futures], base.seed)
         md = write_table(rows, list(COLUMNS), out, "methods", "Method comparison (same SFT data, steps and seed)",
                          FOOTER)
         png = plot_quality(rows, out / "quality_vs_trainable.png")
-        rec.write_metrics({"methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows}})
+        rec.write_metrics({"methods": {r["method"]: {k: v for k, v in r.items() if k not in ("method", "per_example")}
+                                       for r in rows}})
         for f in (out / "methods.md", out / "methods.csv", png):
             if f:
                 rec.log_artifact(f, "comparison")

@@ -208,18 +208,25 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
             s.add(f"Win rate **{float(win['estimate']):.3f}** [95% CI {float(win['ci_low']):.3f}, "
                   f"{float(win['ci_high']):.3f}], n={win.get('n')}: {win['verdict']}.", "")
         target = t.get("target_kl")
-        versus = (f" against the target {target} ({t['kl_last'] / target:.2f}x the target)"
+        recent = t.get("kl_last_quarter_mean", t["kl_last"])
+        versus = (f" against the target {target} ({recent / target:.2f}x the target)"
                   if isinstance(target, (int, float)) and target > 0 else " (no target recorded)")
         s.add(f"**KL:** {_fmt(e[mc.KL])} nats from the SFT policy on the held-out prompts (exact per-position KL "
-              f"summed over the response, mean over prompts); during training {_fmt(t['kl_last'])} at the last "
-              f"step{versus}, controller coefficient {_fmt(t.get('kl_coef_last', '-'))}.", "")
+              f"summed over the response, mean over prompts); during training {_fmt(recent)} over the last quarter "
+              f"of the steps (last step {_fmt(t['kl_last'])}){versus}, controller coefficient "
+              f"{_fmt(t.get('kl_coef_last', '-'))}.", "")
         if t["steps"] < 3 and slope is None:
             s.add(f"Training reward {_fmt(t['reward_first'])} -> {_fmt(t['reward_last'])} (a slope needs >= 3 steps).", "")
         if e[mc.REWARD_POLICY] > e[mc.REWARD_SFT] and e[mc.REFERENCE_SCORE_POLICY] < e[mc.REFERENCE_SCORE_SFT]:
             ref = _block(e, "reference_score_change")
-            s.add("**Warning: reward over-optimisation** - the reward model prefers the PPO policy while its "
-                  "agreement with the reference answers fell"
-                  + (f" (that fall, over {ref.get('n')} prompts: {ref['verdict']})" if ref else "") + ".", "")
+            if ref is None or ref.get("verdict") == "worse":
+                s.add("**Warning: reward over-optimisation** - the reward model prefers the PPO policy while its "
+                      "agreement with the reference answers fell"
+                      + (f" (that fall, over {ref.get('n')} prompts: {ref['verdict']})" if ref else "") + ".", "")
+            else:  # a lower point estimate inside the noise is no evidence of over-optimisation
+                s.add(f"Reference agreement {_fmt(e[mc.REFERENCE_SCORE_SFT])} -> {_fmt(e[mc.REFERENCE_SCORE_POLICY])}: "
+                      f"{ref['verdict']} over {ref.get('n')} prompts (95% CI {float(ref['ci_low']):+.3f}, "
+                      f"{float(ref['ci_high']):+.3f}), so no sign of reward over-optimisation.", "")
         _figure(s, imgs, "ppo_reward_kl.png", "PPO reward and KL per step, with the target KL")
         _figure(s, imgs, "ppo_train.png", "PPO training diagnostics")
         plots += COPIED["ppo"]
@@ -239,12 +246,17 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
                   block, g["perplexity_before"], g["perplexity_after"], g["n"])
         s.add("")
     if (c := m.get("compare")):
-        s.add("## Method comparison (SFT)", "", "| method | trainable % | peak MB | s/step | tokens/s | eval loss | score |",
-              "|---|---|---|---|---|---|---|")
+        s.add("## Method comparison (SFT)", "", "| method | trainable % | peak MB | s/step | tokens/s | eval loss | "
+              "score [95% CI] | vs the best [95% CI] | seeds' claim vs this run | agrees |",
+              "|---|---|---|---|---|---|---|---|---|---|")
         for name, row in c["methods"].items():
             s.add(f"| {name} | {row.get('trainable_percent')} | {row.get('peak_memory_mb')} | "
                   f"{row.get('seconds_per_step')} | {row.get('tokens_per_second')} | {row.get('eval_loss')} | "
-                  f"{row.get('score')} |")
+                  f"{row.get('score')} {row.get('score_ci', '')} | {row.get('vs_best', '')} | "
+                  f"{row.get('seeds_claim', '')} | {row.get('agrees', '')} |")
+        why = {name: row["why_not"] for name, row in c["methods"].items() if row.get("why_not")}
+        s.add("", "Differences marked *within noise* cannot be ranked by this run. Where this run disagrees with "
+              "the seeds' claims:", "", *(f"* **{k}**: {v}" for k, v in why.items()))
         s.add("")
         _figure(s, imgs, "compare_quality_vs_trainable.png", "Quality against trainable parameters per method")
     if registry is not None:

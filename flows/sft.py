@@ -129,6 +129,9 @@ def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_di
                                         mixture_share=share, examples=sum(job.counts.values()),
                                         precision=cfg.training.precision),
                    "early_stopping": summary.selection(cfg.training),
+                   # each held-out example's task score after training (reports/<stage>/evaluation.json only):
+                   # what the method comparison's CIs and its "within noise of the best" are computed from
+                   "per_example_after": {t: [round(s, 6) for s in v["score"]] for t, v in per_after.items()},
                    **({"general_retention": retention(general_before, general_after, base.seed)}
                       if general_before else {})}
         rec.write_metrics(metrics)

@@ -28,6 +28,8 @@ class LoraArgs(Strict):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR))
+    use_dora: bool = False    # DoRA (peft): a learned magnitude per output channel beside the low-rank direction
+    use_rslora: bool = False  # rank-stabilised LoRA (peft): scale alpha/sqrt(r) instead of alpha/r
 
 
 class QLoraArgs(LoraArgs):

@@ -39,7 +39,8 @@ TINY_OVERRIDES = {
                                                     "eval_steps": 0, "early_stopping_patience": 0},
                     "eval": {"max_pairs": 8}},
     "ppo.yaml": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "eval_prompts": 4,
-                 "eval_max_new_tokens": 6, "save_steps": 1, "lr": 0.0001, "ppo_epochs": 1, "init_kl_coef": 0.05},
+                 "eval_max_new_tokens": 6, "save_steps": 1, "lr": 0.0001, "ppo_epochs": 1, "init_kl_coef": 0.05,
+                 "temperature": 1.0, "target_kl": 1.0, "kl_horizon": 100},
 }
 
 

@@ -73,6 +73,7 @@ def local_runs(root: Path, stage: str):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("llm-refinery")
     assert exp is not None, "no experiment in the local store"
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"  # MLflow 3 UI: model-training view
     return client, client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}'")
 
 

@@ -80,6 +80,7 @@ def test_every_file_type_reads_to_the_same_records(tmp_path):
     assert len(got["jsonl"]) == 3 and all(v == got["jsonl"] for v in got.values()), got
 
 
+@pytest.mark.bad_input
 def test_errors_name_the_line_or_the_row_and_the_field(tmp_path):
     rows = [{"id": "a", "prompt": "p", "response": "r"}, {"id": "b", "prompt": "q", "response": " "}]
     paths = _write_all_types(tmp_path, rows)
@@ -90,11 +91,15 @@ def test_errors_name_the_line_or_the_row_and_the_field(tmp_path):
     bad_turn = {"id": "c", "messages": [TURNS[1], {"role": "robot", "content": "x"}]}
     with pytest.raises(UserError, match=r":1: field 'messages\[1\]\.role': unknown role 'robot'"):
         load_valid(jsonl(tmp_path, [bad_turn], "m.jsonl"), "sft", "error")
+    twice = {"id": "e", "messages": [TURNS[1], TURNS[1], TURNS[2]]}
+    with pytest.raises(UserError, match=r":1: field 'messages\[1\]\.role': expected an assistant turn"):
+        load_valid(jsonl(tmp_path, [twice], "t.jsonl"), "sft", "error")
     ends_with_user = {"id": "d", "messages": TURNS[:2]}
     with pytest.raises(UserError, match=r":1: field 'messages\[1\]': the last message must be the assistant's answer"):
         load_valid(jsonl(tmp_path, [ends_with_user], "u.jsonl"), "sft", "error")
 
 
+@pytest.mark.bad_input
 def test_malformed_jsonl_line_is_named_and_skippable(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": \n'
@@ -105,6 +110,7 @@ def test_malformed_jsonl_line_is_named_and_skippable(tmp_path):
     assert [r["id"] for r in kept] == ["a", "c"] and [d.line for d in dropped] == [2]
 
 
+@pytest.mark.bad_input
 def test_format_is_detected_or_overridden(tmp_path):
     p = jsonl(tmp_path, [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"cannot tell the sft format from the columns \['answer', 'question'\]"):

@@ -83,9 +83,15 @@ def test_report_flags_over_optimisation():
     ppo["train"].update({"reward_first": 0.1, "reward_last": 0.9, "kl_last": 1.0, "target_kl": 1.0, "steps": 3})
     ppo["eval"].update({"reward_policy": 2.0, "reward_sft": 1.0, "reference_score_policy": 0.1,
                         "reference_score_sft": 0.5, "win_rate_vs_sft": 0.9, "kl": 2.0})
+    ppo["eval"]["reference_score_change"] = {"estimate": -0.4, "ci_low": -0.5, "ci_high": -0.3, "n": 50,
+                                             "null": 0.0, "verdict": "worse"}
     metrics_contract.validate("ppo", ppo)
     text, _ = build_report({"ppo": ppo})
-    assert "over-optimisation" in text and "0.9000" in text
+    assert "Warning: reward over-optimisation" in text and "0.9000" in text
+    # a fall inside the noise is reported with its CI, not as over-optimisation
+    ppo["eval"]["reference_score_change"].update({"ci_high": 0.05, "verdict": "no significant change"})
+    text = build_report({"ppo": ppo})[0]
+    assert "Warning" not in text and "no sign of reward over-optimisation" in text
     ppo["eval"]["reference_score_policy"] = 0.6
     assert "over-optimisation" not in build_report({"ppo": ppo})[0]
 

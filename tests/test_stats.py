@@ -7,10 +7,12 @@ from refinery.evaluation.stats import (
     NO_CHANGE,
     WORSE,
     bootstrap_mean,
+    mean_of_task_means,
     paired_difference,
     paired_ratio_of_means,
     slope,
     win_rate,
+    within_group_slope,
 )
 
 
@@ -80,3 +82,48 @@ def test_slope_ci():
     assert slope(rng.normal(0, 1, 20)).verdict == NO_CHANGE
     with pytest.raises(ValueError):
         slope([1.0, 2.0])
+
+
+def _ppo_like_episodes(rng, true_slope: float, steps: int = 24, batch: int = 8, prompts: int = 50):
+    """Episodes drawn as PPO draws prompts (a fresh permutation each pass), each prompt with its own level
+    (two tasks ~2 points apart, as the demo's RM scores are) plus a common trend and noise."""
+    level = np.where(np.arange(prompts) % 2 == 0, -0.5, 1.5) + rng.normal(0, 0.5, prompts)
+    order, eps = [], []
+    for step in range(1, steps + 1):
+        for _ in range(batch):
+            if not order:
+                order = list(rng.permutation(prompts))
+            p = order.pop()
+            eps.append((p, step, level[p] + true_slope * step + rng.normal(0, 0.3)))
+    return eps
+
+
+def test_within_prompt_slope_covers_the_truth_and_sees_what_step_means_miss():
+    rng = np.random.default_rng(11)
+    hits, found, found_by_means = 0, 0, 0
+    for _ in range(40):
+        eps = _ppo_like_episodes(rng, 0.02)
+        g, x, y = zip(*eps)
+        e = within_group_slope(g, x, y, seed=0, resamples=400)
+        hits += e.ci_low <= 0.02 <= e.ci_high
+        found += e.verdict == IMPROVED
+        means = [np.mean([s for _, st, s in eps if st == k]) for k in range(1, 25)]
+        found_by_means += slope(means, resamples=400).verdict == IMPROVED
+    assert hits >= 34  # ~95% coverage (40 trials)
+    assert found >= 36 and found_by_means <= 30  # the prompt mix hides a trend the within-prompt slope finds
+    flat = _ppo_like_episodes(rng, 0.0)
+    assert within_group_slope(*zip(*flat), seed=0).verdict == NO_CHANGE
+    with pytest.raises(ValueError):
+        within_group_slope(["a", "b"], [1, 2], [0.0, 1.0])
+
+
+def test_mean_of_task_means_and_paired_difference_to_a_baseline():
+    rng = np.random.default_rng(5)
+    a = {"t1": rng.normal(0.5, 0.1, 64), "t2": rng.normal(0.2, 0.1, 64)}
+    e = mean_of_task_means(a)
+    assert e.n == 128 and e.estimate == pytest.approx((a["t1"].mean() + a["t2"].mean()) / 2)
+    assert e.ci_low < e.estimate < e.ci_high and e.ci_high - e.ci_low < 0.05
+    better = {t: v + 0.05 for t, v in a.items()}
+    assert mean_of_task_means(better, a).verdict == IMPROVED  # the same examples, all shifted: a sure gain
+    noise = {t: v + rng.normal(0, 0.2, 64) for t, v in a.items()}
+    assert mean_of_task_means(noise, a).verdict == NO_CHANGE

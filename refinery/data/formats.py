@@ -154,7 +154,7 @@ def _text(rec: dict, field: str, label: str | None = None) -> str:
 
 
 def _messages(value: Any, field: str, role_key: str = "role", content_key: str = "content",
-              roles: dict[str, str] | None = None) -> list[dict]:
+              roles: dict[str, str] | None = None, alternate: bool = True) -> list[dict]:
     if value is None:
         raise FieldProblem(field, "missing")
     if not isinstance(value, list) or not value:
@@ -173,6 +173,14 @@ def _messages(value: Any, field: str, role_key: str = "role", content_key: str =
     for i, m in enumerate(out):
         if m["role"] == "system" and i > 0:
             raise FieldProblem(f"{field}[{i}].{role_key}", "a system message must come first")
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for j, m in enumerate(turns if alternate else []):  # chat templates assume user, assistant, user, ...
+        expected = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            article = "an" if expected == "assistant" else "a"
+            raise FieldProblem(f"{field}[{j + len(out) - len(turns)}].{role_key}",
+                               f"expected {article} {expected} turn (roles alternate, starting with the user), "
+                               f"got {m['role']}")
     return out
 
 
@@ -205,7 +213,7 @@ def _answer(rec: dict, field: str) -> str:
     """A preference answer: a string, or (TRL conversational) a list holding one assistant message."""
     value = rec.get(field)
     if isinstance(value, list):
-        msgs = _messages(value, field)
+        msgs = _messages(value, field, alternate=False)
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             raise FieldProblem(field, "expected one assistant message (the prompt goes in 'prompt')")
         return msgs[0]["content"]

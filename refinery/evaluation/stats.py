@@ -80,6 +80,31 @@ def paired_difference(before: Sequence[float], after: Sequence[float], *, higher
                           confidence=confidence)
 
 
+def mean_of_task_means(per_task: dict[str, Sequence[float]], baseline: dict[str, Sequence[float]] | None = None, *,
+                       seed: int = 0, resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> Estimate:
+    """The mean over tasks of each task's mean (what SFT's `mean_score` is), or with `baseline` the mean over
+    tasks of each task's paired mean difference, with a bootstrap CI that resamples examples within each task
+    (tasks are fixed, their examples are the sample). n = examples over all tasks."""
+    tasks = sorted(per_task)
+    if not tasks:
+        raise ValueError("mean_of_task_means: no tasks")
+    rng = np.random.default_rng(seed)
+    point, boot, n = 0.0, np.zeros(resamples), 0
+    for t in tasks:
+        x = np.asarray(per_task[t], dtype=np.float64)
+        if baseline is not None:
+            b = np.asarray(baseline[t], dtype=np.float64)
+            if b.shape != x.shape:
+                raise ValueError(f"mean_of_task_means: task {t}: {x.size} values against {b.size}")
+            x = x - b
+        idx = rng.integers(0, x.size, size=(resamples, x.size))
+        point += x.mean() / len(tasks)
+        boot += x[idx].mean(axis=1) / len(tasks)
+        n += x.size
+    lo, hi = _percentile_ci(boot, confidence)
+    return Estimate(n, float(point), lo, hi, verdict(lo, hi) if baseline is not None else "", 0.0)
+
+
 def paired_ratio_of_means(before: Sequence[float], after: Sequence[float], weights: Sequence[float] | None = None,
                           *, higher_is_better: bool = False, seed: int = 0, resamples: int = RESAMPLES,
                           confidence: float = CONFIDENCE) -> Estimate:
@@ -102,6 +127,31 @@ def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], *
     p, q = np.asarray(policy_scores, dtype=np.float64), np.asarray(baseline_scores, dtype=np.float64)
     wins = (p > q).astype(np.float64) + 0.5 * (p == q)
     return bootstrap_mean(wins, null=0.5, seed=seed, resamples=resamples, confidence=confidence)
+
+
+def within_group_slope(groups: Sequence, xs: Sequence[float], ys: Sequence[float], *, seed: int = 0,
+                       resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> Estimate:
+    """Slope of y on x within groups (the fixed-effects estimator: each group's own mean removed from x and y,
+    then one least-squares slope), with a cluster bootstrap over groups; n = groups that contribute (seen at
+    two or more x values). For PPO's training reward per prompt and step: a step's mean reward mixes whichever
+    prompts it drew (two tasks whose RM scores sit ~2 points apart), so the slope of step means is mostly
+    prompt-mix noise; within a prompt, what changes between its visits is the policy."""
+    g = np.asarray([str(v) for v in groups])
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    parts = []
+    for key in np.unique(g):
+        sel = g == key
+        xc = x[sel] - x[sel].mean()
+        if (xc ** 2).sum() > 0:
+            parts.append(((xc * (y[sel] - y[sel].mean())).sum(), (xc ** 2).sum()))
+    if len(parts) < 3:
+        raise ValueError("within_group_slope: needs at least 3 groups seen at two or more x values")
+    num, den = np.array(parts).T
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(parts), size=(resamples, len(parts)))
+    slopes = num[pick].sum(1) / den[pick].sum(1)
+    lo, hi = _percentile_ci(slopes, confidence)
+    return Estimate(len(parts), float(num.sum() / den.sum()), lo, hi, verdict(lo, hi))
 
 
 def slope(values: Sequence[float], *, seed: int = 0, resamples: int = RESAMPLES,

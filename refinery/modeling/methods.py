@@ -67,8 +67,8 @@ def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None
 
     name, a = params.method, params.method_args
     if name in ("lora", "qlora"):
-        return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                               target_modules=list(a.target_modules), task_type=task_type)
+        return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_dora=a.use_dora,
+                               use_rslora=a.use_rslora, target_modules=list(a.target_modules), task_type=task_type)
     if name == "ia3":
         return peft.IA3Config(target_modules=list(a.target_modules),
                               feedforward_modules=list(a.feedforward_modules), task_type=task_type)

@@ -139,8 +139,8 @@ def sft_task_scores(sft: dict, path: str | Path) -> Path | None:
 # -- PPO: reward and KL per step ------------------------------------------------------------------------------
 def ppo_reward_kl(rows: list[dict], path: str | Path, target_kl: float | None = None,
                   reward_slope: dict | None = None) -> Path | None:
-    """Two panels from plots/ppo/train.csv rows: training reward per step (with the least-squares line whose
-    slope `train.reward_slope` reports), and KL per step against the target KL (a horizontal line)."""
+    """Two panels from plots/ppo/train.csv rows: training reward per step (with a line of the slope
+    `train.reward_slope` reports, through the mean), and KL per step against the target KL (a horizontal line)."""
     pts = [(_num(r.get("step")), _num(r.get("reward_mean")), _num(r.get("kl"))) for r in rows]
     pts = sorted((s, rw, kl) for s, rw, kl in pts if s is not None)
     reward = [(s, rw) for s, rw, _ in pts if rw is not None]
@@ -158,6 +158,11 @@ def ppo_reward_kl(rows: list[dict], path: str | Path, target_kl: float | None = 
 
             k, c = np.polyfit(xs, ys, 1)
             label = f"least-squares fit, slope {k:+.3g}/step"
+            if isinstance(reward_slope, dict) and _num(reward_slope.get("estimate")) is not None:
+                # the slope the metrics report (within prompts, see stats.within_group_slope), through the mean
+                k = float(reward_slope["estimate"])
+                c = float(np.mean(ys)) - k * float(np.mean(xs))
+                label = f"{reward_slope.get('estimator', 'fitted')} slope {k:+.3g}/step"
             if isinstance(reward_slope, dict) and _num(reward_slope.get("ci_low")) is not None:
                 label += (f"\n95% CI [{float(reward_slope['ci_low']):+.3g}, {float(reward_slope['ci_high']):+.3g}]"
                           f" ({reward_slope.get('verdict', '')})")

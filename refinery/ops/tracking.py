@@ -88,6 +88,11 @@ def lineage_tags() -> dict[str, str]:
     return tags
 
 
+# The tag MLflow 3's UI reads to open an experiment in its "Model training" view instead of the GenAI one
+# (values in its JS bundle: custom_model_development | genai_development | finetuning).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class StageRecord:
     """Context manager around one stage's MLflow run (nested under REFINERY_PARENT_RUN_ID when set)."""
 
@@ -109,7 +114,9 @@ class StageRecord:
 
         self._t_enter = t0 = time.perf_counter()
         self.uri = configure_mlflow(Path("."), self.on_unreachable)  # one store per project, wherever files go
-        mlflow.set_experiment(self.experiment)
+        experiment = mlflow.set_experiment(self.experiment)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # MLflow 3's UI: the model-training view
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         parent = os.environ.get("REFINERY_PARENT_RUN_ID") or None
         run = mlflow.start_run(run_name=self.run_name, parent_run_id=parent, log_system_metrics=True,
                                tags={"stage": self.stage, **lineage_tags(), **self.tags})

@@ -39,6 +39,8 @@ RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, roll
 class PPOState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    # one [step, prompt index, RM score] per episode: the training-reward trend within each prompt
+    episodes: list[list] = field(default_factory=list)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -210,6 +212,7 @@ class PPOTrainer:
         self.state.step += 1
         metrics["step"] = self.state.step
         self.state.history.append(metrics)
+        self.state.episodes += [[self.state.step, int(i), float(s)] for i, s in zip(idx, raw.tolist())]
         if self.record is not None:
             self.record.log_step(self.state.step, metrics)
         if self.on_step is not None:
@@ -246,7 +249,8 @@ class PPOTrainer:
             rng.update({f"cuda_rng_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
         torch.save({"policy": self.opt_policy.state_dict(), "value": self.opt_value.state_dict()}, tmp / "optim.pt")
-        state = {"step": self.state.step, "history": self.state.history, "kl_controller": self.kl_ctl.state_dict(),
+        state = {"step": self.state.step, "history": self.state.history, "episodes": self.state.episodes,
+                 "kl_controller": self.kl_ctl.state_dict(),
                  "score_scale": {"bias": self.scale.bias, "gain": self.scale.gain, "fitted": self.scale.fitted},
                  "order": self._order,
                  "order_rng": _rng_to_json(self.order_rng.getstate())}
@@ -279,7 +283,7 @@ class PPOTrainer:
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
         state = json.loads((path / "state.json").read_text())
-        self.state = PPOState(step=state["step"], history=state["history"])
+        self.state = PPOState(step=state["step"], history=state["history"], episodes=state.get("episodes", []))
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.scale = ScoreScale(**state["score_scale"])
         self._order = state["order"]
@@ -308,6 +312,9 @@ def ppo_train_block(trainer: PPOTrainer, init_from: str, trainable: int, total: 
             "reward_first": h[0]["reward_mean"], "reward_last": h[-1]["reward_mean"],
             "reward_last3_mean": sum(x["reward_mean"] for x in h[-3:]) / len(h[-3:]),
             "kl_last": h[-1]["kl"], "kl_coef_last": h[-1]["kl_coef"], "target_kl": cfg.target_kl,
+            # one step's KL is the mean of batch_size sequences: the last quarter of the run is what the
+            # controller is judged on
+            "kl_last_quarter_mean": sum(x["kl"] for x in h[-max(1, len(h) // 4):]) / max(1, len(h) // 4),
             "episodes_per_second": mean("episodes_per_second"), "tokens_per_second": mean("tokens_per_second"),
             "peak_memory_mb": round(peak_memory_mb, 1), "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / total, 4), "resumed_from_step": trainer.resumed_from}
