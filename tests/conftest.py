@@ -58,6 +58,25 @@ def write_tiny_params(dst: Path) -> None:
         (dst / f.name).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def tiny_repo(dst: Path) -> dict:
+    """The working tree (tracked and new files, not ignored ones) copied to `dst` with the tiny params, and the
+    environment a CLI subprocess there needs (local MLflow store, no outside Prefect API). No git init."""
+    import subprocess
+    import sys
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    write_tiny_params(dst / "params")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PWD": str(dst),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """models/base for source `tiny`: 2 layers, hidden 64, SmolLM2's real tokenizer and chat template."""

@@ -15,7 +15,7 @@ import yaml
 
 from refinery.ops import metrics_contract as mc
 from refinery.ops.dag import flow_name
-from tests.conftest import REPO, answers, free_port, write_tiny_params
+from tests.conftest import REPO, answers, free_port, tiny_repo
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,7 @@ def sh(cmd: str, cwd: Path, env: dict) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     dst = tmp_path_factory.mktemp("clone") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
-    write_tiny_params(dst / "params")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PWD": str(dst),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
+    env = tiny_repo(dst)
     sh("git init -q && git add -A && git -c user.email=t@localhost -c user.name=t commit -qm init", dst, env)
     return dst, env
 

@@ -36,6 +36,9 @@ def test_resume_after_crash_matches_uninterrupted(tiny_base, prepared, tmp_path)
 
     summary, model = train(tiny_base, prepared, tmp_path / "crash")
     assert summary.resumed_from == 4 and summary.steps == 6
+    # the whole run's tokens, as the uninterrupted run counts them; this process trained the last 2 of 6 steps
+    assert summary.tokens == ref_summary.tokens and ref_summary.tokens_this_process == ref_summary.tokens
+    assert 0 < summary.tokens_this_process < summary.tokens
     losses = {h["step"]: h["loss"] for h in summary.history}
     ref = {h["step"]: h["loss"] for h in ref_summary.history}
     assert sorted(losses) == list(range(1, 7))  # no step repeated or lost

@@ -4,8 +4,6 @@ pipeline writes their paths into dvc.yaml, trains on them, leaves `dvc status` c
 changes and DVC reports prepare stale, and `dvc repro` reruns prepare and the stages that read the changed
 prepared set, and not dapt (whose prepared corpus is unchanged)."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import REPO, tiny_repo
 
 pytestmark = pytest.mark.slow
 datasets = pytest.importorskip("datasets")
@@ -51,13 +49,7 @@ def write_user_data(root: Path) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     dst = tmp_path_factory.mktemp("user-data") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
-    write_tiny_params(dst / "params")
+    env = tiny_repo(dst)
     write_user_data(dst)
     prep = yaml.safe_load((dst / "params" / "prepare.yaml").read_text())
     prep["datasets"].update({"corpus": "data/user/corpus.csv", "preferences": "data/user/prefs",
@@ -66,9 +58,6 @@ def repo(tmp_path_factory):
     sft = yaml.safe_load((dst / "params" / "sft.yaml").read_text())
     sft["tasks"] = {"chat": {"weight": 1.0, "metric": "rouge_l", "max_new_tokens": 4}}
     (dst / "params" / "sft.yaml").write_text(yaml.safe_dump(sft, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PWD": str(dst),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
     sh("git init -q && git add -A && git -c user.email=t@localhost -c user.name=t commit -qm init", dst, env)
     return dst, env
 

@@ -139,6 +139,7 @@ AMBIGUITY_MODULES = [
 # non-stdlib packages, prose instead of a name, the object's own name; vague and cut-off summaries.
 HARD_NEGATIVE_SEED = 5678
 HARD_NEGATIVE_SHARE = 0.5
+HARD_WHICH_MODULE_SHARE = 0.3  # the rest are wrong stdlib modules, so every module is rejected about 0.7x as often as chosen
 NOT_STDLIB = ["numpy", "pandas", "requests", "scipy", "django", "flask", "matplotlib", "pygame", "pytest",
               "torch", "sklearn", "yaml", "attrs", "six", "click", "jinja2", "sqlalchemy", "boto3",
               "PyPy", "Python", "python", "stdlib", "builtins.py", "pip", "setuptools"]
@@ -612,9 +613,14 @@ def main() -> None:
     # byte-identical (the main rng's draws are unchanged).
     hard_rng = random.Random(HARD_NEGATIVE_SEED)
     prefs = []
+    # a wrong module is drawn with the frequency modules have as right answers in this file (not uniformly
+    # over the 74): a module that is often right and never wrong (codecs: 7 to 0) taught the reward model a
+    # prior for it, and PPO then answered "codecs" to every which_module prompt
+    chosen_modules = [e.module for e in buckets[("preferences", "which_module")]]
     for e in buckets[("preferences", "which_module")]:
-        wrong = rng.choice([m for m in module_names if m != e.module])
-        if hard_rng.random() < HARD_NEGATIVE_SHARE:
+        rng.choice([m for m in module_names if m != e.module])  # keeps the main generator's draws (other files)
+        wrong = hard_rng.choice([m for m in chosen_modules if m != e.module])
+        if hard_rng.random() < HARD_WHICH_MODULE_SHARE:
             wrong = hard_which_module_negative(hard_rng, e)
         prefs.append({"id": f"pref:which_module:{e.qualname}", "prompt": wm_prompt(e),
                       "chosen": e.module, "rejected": wrong, "task": "which_module"})

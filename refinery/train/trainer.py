@@ -91,12 +91,13 @@ class QuietProgress(ProgressCallback):
 class TrainSummary:
     steps: int
     seconds: float
-    tokens: int
-    tokens_per_second: float
+    tokens: int                      # the whole run's (a resumed run's count continues from its checkpoint)
+    tokens_per_second: float         # this process's tokens over this process's seconds
     peak_memory_mb: float
     resumed_from: int | None
     history: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)  # [{"step", "validation_loss"}] when monitored
+    tokens_this_process: int = 0     # tokens trained by this process (less than `tokens` after a resume)
     best_step: int | None = None      # the step whose weights the stage keeps (validation monitored)
     stopped_early: bool = False
 
@@ -179,13 +180,14 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
-    tokens = trainer.state.num_input_tokens_seen - start_tokens
+    tokens = trainer.state.num_input_tokens_seen - start_tokens  # this process's share of the run
     history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm"),
                 "tokens_per_second": callback.rates.get(h["step"])} for h in trainer.state.log_history if "loss" in h]
     validation = [{"step": h["step"], "validation_loss": h["eval_loss"]} for h in trainer.state.log_history
                   if "eval_loss" in h]
     best = trainer.state.best_model_checkpoint
-    return TrainSummary(steps=trainer.state.global_step, seconds=seconds, tokens=int(tokens),
+    return TrainSummary(steps=trainer.state.global_step, seconds=seconds,
+                        tokens=int(trainer.state.num_input_tokens_seen), tokens_this_process=int(tokens),
                         tokens_per_second=tokens / max(seconds, 1e-9), peak_memory_mb=peak_memory_mb(),
                         resumed_from=int(resume.name.split("-")[1]) if resume else None, history=history,
                         validation=validation, best_step=int(Path(best).name.split("-")[1]) if best else None,
