@@ -198,6 +198,9 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
               e[mc.REWARD_SFT], e[mc.REWARD_POLICY], e.get("n"))
         s.row("PPO reference agreement", "agreement with reference answers (SFT -> PPO)",
               _block(e, "reference_score_change"), e[mc.REFERENCE_SCORE_SFT], e[mc.REFERENCE_SCORE_POLICY], e.get("n"))
+        for task, block in (e.get("reference_score_change_by_task") or {}).items():
+            s.row(f"PPO reference agreement: {task}", f"agreement with reference answers, {task} prompts (SFT -> PPO)",
+                  block, "-", "-", block.get("n"))
         slope = _block(t, "reward_slope")
         if slope is not None or t["steps"] >= 3:
             s.row("PPO training reward slope", "training reward per step (first -> last step; change: fitted slope)",

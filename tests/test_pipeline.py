@@ -175,3 +175,15 @@ def test_prefect_yaml_deployments_point_at_real_flows():
     assert pools["pipeline-weekly"] == "local-process" and pools["pipeline-k8s-gpu"] == "k8s-gpu"
     weekly = next(d for d in spec["deployments"] if d["name"] == "pipeline-weekly")
     assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
+
+
+def test_report_shows_reference_agreement_per_task():
+    """A gain on one task can hide a loss on another: the report lists each task's change with its verdict."""
+    ppo = metrics_contract.example("ppo")
+    ppo["eval"]["reference_score_change_by_task"] = {
+        "summarize": {"estimate": 0.02, "ci_low": -0.01, "ci_high": 0.05, "n": 24, "null": 0.0,
+                      "verdict": "no significant change"},
+        "which_module": {"estimate": -0.2, "ci_low": -0.3, "ci_high": -0.1, "n": 26, "null": 0.0, "verdict": "worse"}}
+    text = build_report({"ppo": ppo})[0]
+    row = next(line for line in text.splitlines() if "which_module prompts" in line)
+    assert "| 26 |" in row and "-0.2000 [-0.3000, -0.1000]" in row and row.endswith("| worse |")

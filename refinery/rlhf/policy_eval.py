@@ -65,6 +65,12 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
               "win_rate": wins.as_dict(),
               "reward_change": paired_difference(s_sft.tolist(), s_pol.tolist(), seed=seed).as_dict(),
               "reference_score_change": paired_difference(ref_sft, ref_pol, seed=seed).as_dict()}
+    tasks = sorted({r.get("task") for r in records if r.get("task")})
+    if len(tasks) > 1:  # a gain on one task can hide a loss on another (reward hacking on the harder one)
+        result["reference_score_change_by_task"] = {
+            t: paired_difference([s for s, r in zip(ref_sft, records) if r.get("task") == t],
+                                 [s for s, r in zip(ref_pol, records) if r.get("task") == t], seed=seed).as_dict()
+            for t in tasks}
     table = [{"prompt": prompt_text(p)[:300], "reference": r["reference"], "ppo": a, "sft": b, "rm_ppo": round(float(x), 3),
               "rm_sft": round(float(y), 3)} for p, r, a, b, x, y in zip(prompts, records, a_pol, a_sft, s_pol, s_sft)]
     return result, table
