@@ -30,6 +30,7 @@ from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_st
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import child_env, close_unfinished
 from refinery.ops.prefect_tasks import uncached_task
+from refinery.ops.repo_lock import repository_lock
 from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
 
 REPORT = Path("reports/pipeline/report.md")
@@ -127,7 +128,24 @@ def pipeline_run_name() -> str:
 
 @flow(name="pipeline", flow_run_name=pipeline_run_name)
 def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, overrides: dict | None = None,
-                  force: bool = False, name: str | None = None):
+                  force: bool = False, name: str | None = None, wait: bool = False):
+    """`wait`: queue behind a run that holds the repository instead of failing (refinery/ops/repo_lock.py)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    lock = repository_lock(ctx.flow_run.name if ctx else (name or "pipeline"), wait)
+    try:
+        lock.__enter__()
+    except UserError as exc:
+        return refuse(exc)
+    try:
+        return _run_pipeline(from_stage, to_stage, overrides, force, name)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_pipeline(from_stage: str | None, to_stage: str | None, overrides: dict | None, force: bool,
+                  name: str | None):
     try:
         apply_overrides(overrides or {})
         for change in dvc_deps.sync():  # data paths named in params/ become deps before DVC decides what is stale
@@ -185,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
     ap.add_argument("--force", action="store_true", help="run the selected stages even if DVC says up to date")
     ap.add_argument("--name", default=None, help="flow-run name (default pipeline-<git sha>)")
+    ap.add_argument("--wait", action="store_true", help="queue behind a pipeline run that holds this repository")
     args = ap.parse_args(argv)
     overrides: dict[str, dict] = {}
     for item in args.set:
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--set {item}: expected STAGE.KEY=VALUE, e.g. sft.method=ia3")
         overrides.setdefault(stage, {})[rest] = yaml.safe_load(value)
     run_cli(pipeline_flow, from_stage=args.from_stage, to_stage=args.to_stage, overrides=overrides or None,
-            force=args.force, name=args.name)
+            force=args.force, name=args.name, wait=args.wait)
 
 
 if __name__ == "__main__":

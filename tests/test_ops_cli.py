@@ -286,3 +286,32 @@ def test_refinery_console_command_runs_a_stage_like_python_m(project, api_env):
     assert ok.returncode == 0, ok.stderr[-3000:]
     report = json.loads((project / "data" / "prepared" / "report.json").read_text())
     assert report["sets"]["sft/summarize"]["kept"] > 0
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_repository_fail_in_one_line_or_queue(repo, ran_to_dapt):
+    """Run A holds the repository; B started meanwhile fails at once in one line naming A; C with --wait
+    queues and runs after A (finding dapt up to date), and both A and C succeed."""
+    import time
+
+    from refinery.ops.repo_lock import holder
+
+    root, env = repo
+    lock = root / ".dvc" / "tmp" / "refinery-pipeline.lock"
+    a = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--from", "dapt", "--to", "dapt", "--force",
+                          "--name", "run-a"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    end = time.monotonic() + 120
+    while holder(lock).get("pid") != a.pid and time.monotonic() < end and a.poll() is None:
+        time.sleep(0.5)
+    assert holder(lock).get("pid") == a.pid, "run A never took the repository"
+    b = pipeline(root, env, "--to", "base_model")
+    line = one_error_line(b)
+    assert "another pipeline run holds this repository" in line and f"pid {a.pid}" in line
+    c = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--from", "dapt", "--to", "dapt", "--wait"],
+                         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_a, err_a = a.communicate(timeout=1200)
+    assert a.returncode == 0, err_a[-3000:]
+    out_c, err_c = c.communicate(timeout=1200)
+    assert c.returncode == 0, err_c[-3000:]
+    assert "pipeline: dapt skipped (up to date)" in out_c  # it ran after A, which had rebuilt dapt
