@@ -360,7 +360,9 @@ def report_flow(params_dir: str = "params", record_root: str = ".", plots_dir: s
             registered["rule"] = (f"champion only when the win rate's 95% CI lower bound lies above "
                                   f"{cfg.registry.min_win_rate} and the policy is not significantly worse than the "
                                   f"current champion (reference agreement by more than "
-                                  f"{cfg.registry.max_reference_drop})")
+                                  f"{cfg.registry.max_reference_drop})"
+                                  + ("; and its agreement with the reference answers not significantly below its SFT "
+                                     "policy's" if cfg.registry.reference_must_hold else ""))
             rec.set_tags({f"registry.{k}": str(v) for k, v in registered.items() if k != "rule"})
         markdown_text = write_report(metrics, out_dir, plots_dir, registered)
         rec.log_artifact(Path(out_dir) / "report.md", "report")

@@ -337,6 +337,9 @@ class RegistryArgs(Strict):
     model_name: str = "llm-refinery-policy"
     min_win_rate: float = Field(0.5, ge=0, le=1)
     max_reference_drop: float = Field(0.02, ge=0)
+    # a policy whose agreement with the reference answers fell significantly below its SFT policy's is reward
+    # over-optimisation, whatever the reward model thinks of it: challenger
+    reference_must_hold: bool = True
 
 
 class ReportParams(Strict):

@@ -160,6 +160,11 @@ def test_champion_rule():
     assert decide(ev(0.70, 0.58, 0.81, ref_high=0.05), champ, args)[0] == "champion"  # within noise of the champion
     # reference agreement: CI upper bound 0.40 + 0.0 < 0.45 - 0.02 -> significantly worse
     assert decide(ev(0.70, 0.58, 0.81, ref_high=0.0), champ, args)[0] == "challenger"
+    # a significant win on the reward model with a significant fall in reference agreement vs SFT: over-optimised
+    fell = ev(0.66, 0.55, 0.77, ref=0.195, ref_sft=0.28, ref_high=-0.025)
+    verdict, why = decide(fell, None, args)
+    assert verdict == "challenger" and "reward over-optimisation" in why
+    assert decide(fell, None, RegistryArgs(reference_must_hold=False))[0] == "champion"
     # a record from before CIs: the point estimates stand in
     assert decide({"win_rate_vs_sft": 0.7, "reference_score_policy": 0.4}, None, args)[0] == "champion"
 

@@ -28,7 +28,9 @@ def decide(candidate: dict, champion: dict | None, args: RegistryArgs) -> tuple[
     - the 95% CI of the candidate's RM-judged win rate over its SFT policy must lie above `min_win_rate`;
     - against the current champion (its model-version tags), the candidate must not be significantly worse:
       its win-rate CI reaches the champion's win rate, and its reference agreement's CI upper bound is at
-      most `max_reference_drop` below the champion's reference agreement."""
+      most `max_reference_drop` below the champion's reference agreement;
+    - with `reference_must_hold`, its agreement with the reference answers must not be significantly below its
+      SFT policy's (the CI of the change must reach 0): a significant fall is reward over-optimisation."""
     win, ref = float(candidate[WIN_RATE_VS_SFT]), float(candidate[REFERENCE_SCORE_POLICY])
     w_low, w_high, n = _interval(candidate, "win_rate", win)
     change = candidate.get("reference_score_change")
@@ -36,6 +38,10 @@ def decide(candidate: dict, champion: dict | None, args: RegistryArgs) -> tuple[
     shown = f"win rate {win:.3f} [95% CI {w_low:.3f}, {w_high:.3f}]" + (f", n={n}" if n else "")
     if not w_low > args.min_win_rate:
         return "challenger", f"{shown}: CI lower bound not above min_win_rate {args.min_win_rate}"
+    if args.reference_must_hold and isinstance(change, dict) and float(change["ci_high"]) < 0:
+        return "challenger", (f"{shown}, but agreement with the reference answers fell significantly below the SFT "
+                              f"policy's ({float(change['estimate']):+.3f} [95% CI {float(change['ci_low']):+.3f}, "
+                              f"{float(change['ci_high']):+.3f}]): reward over-optimisation")
     if champion is None:
         return "champion", f"first policy; {shown}: CI lower bound above {args.min_win_rate}"
     c_win, c_ref = float(champion[WIN_RATE_VS_SFT]), float(champion[REFERENCE_SCORE_POLICY])
