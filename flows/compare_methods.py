@@ -23,6 +23,9 @@ from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.sft_points import run_sft_point, write_table
 from refinery.ops.stage_cli import open_stage_record, refuse, stage_main
 
+# held-out examples (all tasks together) below which the table ranks nothing: the project's rule of >= 50
+# examples per comparison; the demo's smoke-sized comparison (2 per task) stays below it on purpose
+MIN_RANK_N = 50
 COLUMNS = ("method", "trainable_params", "trainable_percent", "peak_memory_mb", "seconds_per_step",
            "tokens_per_second", "eval_loss", "score", "score_ci", "vs_best", "seeds_claim", "agrees", "why_not",
            "status")
@@ -60,6 +63,9 @@ def add_evidence(rows: list[dict], seed: int) -> list[dict]:
             r["score_ci"] = f"[{e.ci_low:.3f}, {e.ci_high:.3f}] n={e.n}"
             if r is best:
                 r["vs_best"] = "best"
+            elif e.n < MIN_RANK_N:  # a bootstrap over a handful of examples gives intervals far too narrow
+                d = mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
+                r["vs_best"] = f"{d.estimate:+.3f}: too few examples to rank (n={e.n}, needs >= {MIN_RANK_N})"
             else:
                 d = mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
                 r["vs_best"] = (f"{d.estimate:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]: "

@@ -25,6 +25,10 @@ def test_table_says_which_differences_are_within_noise():
     assert out[other]["vs_best"].endswith("within noise")
     assert out["prompt"]["vs_best"].endswith(": worse") and "n=128" in out["prompt"]["score_ci"]
     assert "vs_best" not in out["ia3"]  # a failed method has no numbers to judge
+    few = [row("full", 100.0, 3.4, 3500.0, [b[:2] + 0.2 for b in base]), row("prompt", 0.007, 0.9, 1900.0,
+                                                                          [b[:2] for b in base])]
+    out = {r["method"]: r for r in add_evidence(few, seed=0)}
+    assert "too few examples to rank (n=4, needs >= 50)" in out["prompt"]["vs_best"]
 
 
 def test_seed_claims_are_checked_with_reasons():
