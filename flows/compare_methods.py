@@ -61,13 +61,12 @@ def add_evidence(rows: list[dict], seed: int) -> list[dict]:
         if r.get("per_example"):
             e = mean_of_task_means(r["per_example"], seed=seed)
             r["score_ci"] = f"[{e.ci_low:.3f}, {e.ci_high:.3f}] n={e.n}"
-            if r is best:
+            d = None if r is best else mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
+            if d is None:
                 r["vs_best"] = "best"
             elif e.n < MIN_RANK_N:  # a bootstrap over a handful of examples gives intervals far too narrow
-                d = mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
                 r["vs_best"] = f"{d.estimate:+.3f}: too few examples to rank (n={e.n}, needs >= {MIN_RANK_N})"
             else:
-                d = mean_of_task_means(r["per_example"], best["per_example"], seed=seed)
                 r["vs_best"] = (f"{d.estimate:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]: "
                                 + ("within noise" if d.verdict == NO_CHANGE else "worse" if d.verdict == WORSE else "better"))
         j = judge(r["method"], r, full)

@@ -12,6 +12,7 @@ with DVC's reason. The order comes from dvc.yaml (refinery/ops/dag.py), never fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -133,15 +134,12 @@ def pipeline_flow(from_stage: str | None = None, to_stage: str | None = None, ov
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    lock = repository_lock(ctx.flow_run.name if ctx else (name or "pipeline"), wait)
-    try:
-        lock.__enter__()
-    except UserError as exc:
-        return refuse(exc)
-    try:
+    with contextlib.ExitStack() as held:
+        try:  # only the lock's refusal is answered here; the run's own errors are _run_pipeline's
+            held.enter_context(repository_lock(ctx.flow_run.name if ctx else (name or "pipeline"), wait))
+        except UserError as exc:
+            return refuse(exc)
         return _run_pipeline(from_stage, to_stage, overrides, force, name)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _run_pipeline(from_stage: str | None, to_stage: str | None, overrides: dict | None, force: bool,

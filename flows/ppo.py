@@ -18,7 +18,7 @@ from refinery.data.chat import prompt_ids
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
-from refinery.evaluation.stats import slope, within_group_slope
+from refinery.evaluation.stats import Estimate, slope, within_group_slope
 from refinery.modeling.loading import (
     full_weights_of,
     load_causal_lm,
@@ -95,17 +95,16 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
                      general=load_general(data_dir, tokenizer))
 
 
-def reward_trend_within_prompts(episodes: list[list], seed: int) -> dict | None:
+def reward_trend_within_prompts(episodes: list[list], seed: int) -> Estimate | None:
     """The training-reward slope per step within each prompt (stats.within_group_slope; n = prompts drawn at
     two or more steps), or None when too few prompts came back (then the slope of the step means is used)."""
     if not episodes:
         return None
     steps, prompts, scores = zip(*episodes)
     try:
-        est = within_group_slope(prompts, steps, scores, seed=seed)
+        return within_group_slope(prompts, steps, scores, seed=seed)
     except ValueError:
         return None
-    return {**est.as_dict(), "estimator": "within-prompt"}
 
 
 @flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
@@ -169,12 +168,12 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["precision"] = precision
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
-            train["reward_slope_step_means"] = slope([x["reward_mean"] for x in h], seed=base.seed).as_dict()
-            trend = reward_trend_within_prompts(state.episodes, base.seed)
-            train["reward_slope"] = trend or {**train["reward_slope_step_means"], "estimator": "step means"}
-            reward_trend = (f"{train['reward_slope']['estimate']:+.3f} [{train['reward_slope']['ci_low']:+.3f}, "
-                            f"{train['reward_slope']['ci_high']:+.3f}] ({train['reward_slope']['estimator']}, "
-                            f"n={train['reward_slope']['n']}, {train['reward_slope']['verdict']})")
+            step_means = slope([x["reward_mean"] for x in h], seed=base.seed)
+            within = reward_trend_within_prompts(state.episodes, base.seed)
+            trend, estimator = (within, "within-prompt") if within else (step_means, "step means")
+            train["reward_slope_step_means"] = step_means.as_dict()
+            train["reward_slope"] = {**trend.as_dict(), "estimator": estimator}
+            reward_trend = f"{trend.text()} {estimator}"
         metrics = {"train": train, "eval": evaluation, **({"general_retention": general} if general else {})}
         rec.write_metrics(metrics)
         rec.write_plot([{k: v for k, v in x.items()} for x in h], "train",

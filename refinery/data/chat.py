@@ -43,8 +43,9 @@ def render_example(tokenizer, prompt: Prompt, response: str, all_turns: bool = T
     turns = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     for i in (turns if all_turns else turns[-1:]):
         head = chat_ids(tokenizer, conv[:i], add_generation_prompt=True)
-        end = len(full) if i == len(conv) - 1 else len(chat_ids(tokenizer, conv[:i + 1]))
-        if full[:len(head)] != head or (i < len(conv) - 1 and full[:end] != chat_ids(tokenizer, conv[:i + 1])):
+        upto = full if i == len(conv) - 1 else chat_ids(tokenizer, conv[:i + 1])
+        end = len(upto)
+        if full[:len(head)] != head or full[:end] != upto:
             raise UserError("tokenizer chat template: a conversation's prefix does not render as a prefix of its "
                             "tokens, so the assistant's turns cannot be isolated for the loss")
         labels[len(head):end] = full[len(head):end]

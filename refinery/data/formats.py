@@ -60,6 +60,16 @@ class Source:
     split: str = "train"
 
 
+def to_source(src) -> Source:
+    """A Source from what names a data set: a Source, a path, or params/prepare.yaml's
+    {path, format, revision, split} block (config.DataSourceParams)."""
+    if isinstance(src, Source):
+        return src
+    if isinstance(src, (str, Path)):
+        return Source(str(src))
+    return Source(src.path, src.format, src.revision, src.split)
+
+
 # --------------------------------------------------------------------------- reading (datasets)
 
 def is_hub_name(path: str) -> bool:

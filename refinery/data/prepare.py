@@ -17,7 +17,7 @@ from pathlib import Path
 
 from refinery.config import PrepareParams
 from refinery.data.chat import conversation_ids, prompt_ids
-from refinery.data.formats import Source, hub_revision, is_hub_name
+from refinery.data.formats import hub_revision, is_hub_name, to_source
 from refinery.data.records import BadRecord, load_valid
 
 SPLITS = ("train", "validation")
@@ -64,11 +64,6 @@ def token_length_fns(tokenizer):
         "preferences": lambda r: (max(chat_len(r["prompt"], r["chosen"]), chat_len(r["prompt"], r["rejected"])), "chosen"),
         "prompts": lambda r: (chat_len(r["prompt"], None), "prompt"),
     }
-
-
-def to_source(src) -> Source:
-    """params/prepare.yaml's entry (a path, or {path, format, revision, split}) as a formats.Source."""
-    return Source(src) if isinstance(src, str) else Source(src.path, src.format, src.revision, src.split)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from refinery.data.formats import FORMATS, FieldProblem, Source, convert, detect_format, load_rows
+from refinery.data.formats import FORMATS, FieldProblem, Source, convert, detect_format, load_rows, to_source
 from refinery.errors import UserError, where
 
 # kind -> required fields of a converted record (extra fields are kept and ignored); `prompt` is a string or
@@ -112,16 +112,12 @@ def check_length(n_tokens: int, max_length: int, field: str) -> tuple[str, str] 
     return None
 
 
-def as_source(src: str | Path | Source) -> Source:
-    return src if isinstance(src, Source) else Source(str(src))
-
-
 def load_valid(src: str | Path | Source, kind: str, on_bad: str,
                length_of: Callable[[dict], tuple[int, str]] | None = None,
                max_length: int | None = None) -> tuple[list[dict], list[BadRecord]]:
     """Converted, validated records of one source, deduplicated by content; bad ones raise (on_bad='error')
-    or are returned. The format is `src.format`, or detected from the first record's columns."""
-    src = as_source(src)
+    or are returned. The format is `src.format`, or detected from the union of the records' columns."""
+    src = to_source(src)
     kept: list[dict] = []
     dropped: list[BadRecord] = []
     seen_ids: dict[str, str] = {}

@@ -40,11 +40,12 @@ def _rel(path: str, root: Path, may_be_hub: bool = True) -> str | None:
 def expected_deps(root: str | Path = ".", params_dir: str = "params") -> dict[str, list[str]]:
     """Stage -> the local paths its params say it reads."""
     from refinery.config import load_params
+    from refinery.data.formats import to_source
 
     root = Path(root)
     out: dict[str, list[str]] = {}
     ds = load_params("prepare", root / params_dir).datasets
-    paths = [src if isinstance(src, str) else src.path for src, _ in ds.sources().values()]
+    paths = [to_source(src).path for src, _ in ds.sources().values()]
     out["prepare"] = sorted({r for r in (_rel(p, root) for p in paths) if r})
     bm = load_params("base_model", root / params_dir)
     out["base_model"] = [_rel(bm.path, root, may_be_hub=False)] if bm.source == "local" and bm.path else []
