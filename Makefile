@@ -8,7 +8,7 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test lint test-slow ui clean
+.PHONY: install demo compare test lint test-slow ui clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 demo: install  ## the whole pipeline on the bundled SmolLM2-135M-Instruct and demo data
 	test -d .git || (git init -q && git add -A && git -c user.email=demo@localhost -c user.name=demo commit -qm "demo snapshot")
 	$(PY) -m flows.pipeline
+
+compare: install  ## the method comparison (params/compare.yaml: 8 methods x 2 seeds) from the demo's models/dapt; not in `make demo`
+	$(PY) -m flows.compare_methods
 
 lint: install  ## ruff: lint + import order (pyproject.toml [tool.ruff])
 	$(VENV)/bin/ruff check .

@@ -30,13 +30,15 @@ from refinery.ops.registry import register_policy
 from refinery.ops.stage_cli import run_name, stage_main
 from refinery.ops.tracking import StageRecord
 
-STAGES = ("base_model", "prepare", "dapt", "sft", "reward", "ppo", "compare")
+STAGES = ("base_model", "prepare", "dapt", "sft", "reward", "ppo")
 # plots/<stage>/*.png drawn by the stages themselves (StageRecord.write_plot), copied beside the report
 COPIED = {"dapt": ("dapt/train.png",), "sft": ("sft/train.png",), "reward": ("reward/train.png",),
           "ppo": ("ppo/train.png",)}
-COMPARE_PNG = Path("reports/compare/quality_vs_trainable.png")
 HEADER = "| quantity | n | before | after | change [95% CI] | verdict |\n|---|---|---|---|---|---|"
 NOT_RECORDED = "not recorded"
+# the method comparison (flows/compare_methods.py) is a command, not a stage: the report reads DVC-tracked files only
+METHOD_COMPARISON = ("Method comparison: not part of the pipeline; `make compare` writes it to "
+                     "`experiments/compare/<name>/methods.md`.")
 
 
 def _fmt(v) -> str:
@@ -95,7 +97,10 @@ def _early_stopping(d: dict) -> str:
 
 
 def _train_line(t: dict) -> str:
-    return (f"method `{t.get('method')}`, {t.get('steps')} steps, {_fmt(t.get('tokens_per_second'))} tokens/s, "
+    speed = f"{_fmt(t.get('tokens_per_second'))} tokens/s"
+    if t.get("tokens_this_process") == 0 and t.get("resumed_from_step") is not None:  # 0.0 would read as a stall
+        speed = f"resumed at step {t['resumed_from_step']}: nothing left to train, so no throughput"
+    return (f"method `{t.get('method')}`, {t.get('steps')} steps, {speed}, "
             f"peak memory {_fmt(t.get('peak_memory_mb'))} MB, {_fmt(t.get('trainable_percent'))}% of parameters "
             f"trainable.")
 
@@ -248,20 +253,6 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
                   f" ({'within' if g.get('retained') else 'beyond'} +{100 * FORGETTING_TOLERANCE:.0f}%)",
                   block, g["perplexity_before"], g["perplexity_after"], g["n"])
         s.add("")
-    if (c := m.get("compare")):
-        s.add("## Method comparison (SFT)", "", "| method | trainable % | peak MB | s/step | tokens/s | eval loss | "
-              "score [95% CI] | vs the best [95% CI] | seeds' claim vs this run | agrees |",
-              "|---|---|---|---|---|---|---|---|---|---|")
-        for name, row in c["methods"].items():
-            s.add(f"| {name} | {row.get('trainable_percent')} | {row.get('peak_memory_mb')} | "
-                  f"{row.get('seconds_per_step')} | {row.get('tokens_per_second')} | {row.get('eval_loss')} | "
-                  f"{row.get('score')} {row.get('score_ci', '')} | {row.get('vs_best', '')} | "
-                  f"{row.get('seeds_claim', '')} | {row.get('agrees', '')} |")
-        why = {name: row["why_not"] for name, row in c["methods"].items() if row.get("why_not")}
-        s.add("", "Differences marked *within noise* cannot be ranked by this run. Where this run disagrees with "
-              "the seeds' claims:", "", *(f"* **{k}**: {v}" for k, v in why.items()))
-        s.add("")
-        _figure(s, imgs, "compare_quality_vs_trainable.png", "Quality against trainable parameters per method")
     if registry is not None:
         s.add(*_registry(registry))
     placed = {name for line in s.lines for name in re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", line)}
@@ -276,9 +267,10 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
     head = ["# llm-refinery pipeline report", "", f"**Verdicts (95% CI):** {summary}."]
     if registry and registry.get("alias"):
         head[-1] += f" Registry: **{registry['alias']}**."
-    missing = [st for st in ("dapt", "sft", "reward", "ppo", "compare") if not m.get(st)]
+    missing = [st for st in ("dapt", "sft", "reward", "ppo") if not m.get(st)]
     if missing:
         head += ["", "Not run (no evaluation found): " + ", ".join(missing) + "."]
+    head += ["", METHOD_COMPARISON]
     return "\n".join([*head, "", *s.lines]).rstrip() + "\n", plots
 
 
@@ -323,15 +315,13 @@ def _without_images(markdown_text: str) -> str:
 
 
 def write_report(metrics: dict[str, dict | None], out_dir: str | Path, plots_dir: str | Path = "plots",
-                 registry: dict | None = None, compare_png: str | Path = COMPARE_PNG) -> str:
+                 registry: dict | None = None) -> str:
     """report.md, report.html and their figures into `out_dir` (replaced atomically); returns the markdown."""
     _, wanted = build_report(metrics)
     with atomic_dir(out_dir) as tmp:
         for p in wanted:
             if (Path(plots_dir) / p).is_file():
                 shutil.copy2(Path(plots_dir) / p, tmp / p.replace("/", "_"))
-        if metrics.get("compare") and Path(compare_png).is_file():
-            shutil.copy2(compare_png, tmp / "compare_quality_vs_trainable.png")
         report_figures.draw_all(metrics, plots_dir, tmp)
         images = sorted(f.name for f in tmp.glob("*.png"))
         markdown_text, _ = build_report(metrics, images, registry)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from refinery.ops.stage_cli import (
     stage_main,
     summary_markdown,
 )
-from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, evaluate_pairs, init_reward_model, pair_rows
+from refinery.train.reward_model import (
+    BradleyTerryTrainer,
+    PairCollator,
+    evaluate_pairs,
+    init_reward_model,
+    pair_rows,
+    weight_tasks,
+)
 from refinery.train.stage_io import StageInputs, save_stage_output, train_block
 from refinery.train.trainer import run_trainer
 
@@ -62,7 +70,8 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
     check_same_tokenizer(tokenizer, {"sft": input_dir})
     prefs = Path(data_dir) / "preferences"
-    train = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length)
+    train = weight_tasks(pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length),
+                         cfg.task_weights, base.seed, f"{params_dir}/reward.yaml")
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
@@ -97,7 +106,10 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         before, correct_before = evaluate_rm(model, val, pad, cfg)
         model = apply_method(model, cfg, "SEQ_CLS", input_dir, seed=base.seed)
         trainable, total = count_parameters(model)
-        print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs")
+        per_task = Counter(r["task"] or "(no task)" for r in train)
+        print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs ("
+              + ", ".join(f"{t} {n}" for t, n in sorted(per_task.items()))
+              + (f"; task_weights {cfg.task_weights}" if cfg.task_weights else "") + ")")
         summary = train_rm(model, train, PairCollator(pad), cfg, job.checkpoint,
                            base.seed, rec, Progress("reward"), val)
         after, correct_after = evaluate_rm(model, val, pad, cfg)

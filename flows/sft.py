@@ -94,7 +94,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/dapt", dat
 def sft_flow(params_dir: str = "params", input_dir: str = "models/dapt", data_dir: str = "data/prepared",
              out_dir: str = "models/sft", overrides: dict | None = None, stage: str = "sft", record_root: str = "."):
     """`stage`/`record_root` let the method comparison run this same flow per method without touching
-    metrics/sft.json (its records go under reports/compare/<method>/)."""
+    metrics/sft.json (its records go under experiments/compare/<name>/seed<s>/<method>/)."""
     try:
         job = load_inputs(params_dir, input_dir, data_dir, overrides)
     except UserError as exc:

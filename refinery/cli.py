@@ -3,11 +3,13 @@
     refinery pipeline [--from S] [--to S] [--set STAGE.KEY=V] [--force]   = python -m flows.pipeline ...
     refinery stage <stage> [--set KEY=V] [--out-dir D]                     = python -m flows.<stage> ...
     refinery sweep --grid KEY=V1,V2                                        = python -m flows.sweep ...
+    refinery compare [--name N] [--seeds 42,43] [--methods lora,ia3]       = python -m flows.compare_methods ...
     refinery generate --base models/base [--adapter NAME=PATH]             = python -m refinery.ops.generate ...
     refinery dvc-deps [--check]                                            = python -m refinery.ops.dvc_deps ...
 
 Each subcommand imports only what it runs (a Prefect flow module costs seconds to import). The stage names are
-dvc.yaml's; `compare` is flows/compare_methods.py as in dvc.yaml.
+dvc.yaml's. `compare` (the method comparison) is an experiment command like `sweep`, not a stage: its outputs go
+to experiments/compare/<name>/.
 """
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ import importlib
 import sys
 
 STAGE_MODULES = {"base_model": "flows.base_model", "prepare": "flows.prepare", "dapt": "flows.dapt",
-                 "sft": "flows.sft", "compare": "flows.compare_methods", "reward": "flows.reward",
-                 "ppo": "flows.ppo", "report": "flows.report"}
-COMMANDS = {"pipeline": "flows.pipeline", "sweep": "flows.sweep", "generate": "refinery.ops.generate",
-            "dvc-deps": "refinery.ops.dvc_deps"}
+                 "sft": "flows.sft", "reward": "flows.reward", "ppo": "flows.ppo", "report": "flows.report"}
+COMMANDS = {"pipeline": "flows.pipeline", "sweep": "flows.sweep", "compare": "flows.compare_methods",
+            "generate": "refinery.ops.generate", "dvc-deps": "refinery.ops.dvc_deps"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,8 +259,19 @@ class RewardParams(MethodParams):
 
     margin: float = Field(0.0, ge=0)
     max_length: int = Field(512, gt=8)
+    # training pairs of a task (its `task` field) are seen this many times as often as the others (oversampled
+    # by repetition; 1.0 = as many as the data has): a task whose pairs are short and hard gets more passes
+    task_weights: dict[str, float] = Field(default_factory=dict)
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
+
+    @field_validator("task_weights")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [t for t, w in v.items() if not w > 0]
+        if bad:
+            raise ValueError(f"task_weights.{bad[0]}: must be > 0")
+        return v
 
 
 class PPOParams(MethodParams):
@@ -309,11 +320,13 @@ class PPOParams(MethodParams):
 
 
 class CompareParams(Strict):
-    """The method comparison: the same SFT, once per method."""
+    """The method comparison (flows/compare_methods.py, `make compare`): the same SFT, once per method and seed."""
 
     methods: list[str] = Field(default_factory=lambda: ["full", "lora", "adapter", "ia3", "prefix", "prompt",
                                                         "ptuning", "ptuning_v2"])
-    max_steps: int = Field(8, gt=0)
+    # base.yaml's `seed` per run; the table's verdicts are checked for stability across them
+    seeds: list[int] = Field(default_factory=lambda: [42, 43], min_length=1)
+    max_steps: int = Field(24, gt=0)
     parallel: int = Field(1, gt=0)  # concurrent methods (each its own process); 1 on a small CPU machine
     task_runner: Literal["thread", "dask"] = "thread"  # dask: prefect-dask's local cluster (or DASK_SCHEDULER_ADDRESS)
     lr: dict[str, float] = Field(default_factory=dict)  # per-method learning rate overrides
@@ -324,6 +337,9 @@ class CompareParams(Strict):
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method '{bad[0]}' (known: {', '.join(METHODS)})")
+        for name, values in (("methods", self.methods), ("seeds", self.seeds)):
+            if len(set(values)) < len(values):
+                raise ValueError(f"{name}: {values} lists a value twice")
         return self
 
 

@@ -1,7 +1,8 @@
 """The real dvc.yaml, prefect.yaml and a real `prefect server` on the tiny model, in a fresh git repo: the
 pipeline deployment runs through a process worker, every stage runs through DVC as a subflow, after which
 dvc.lock is complete, `dvc status` is clean, `dvc repro` does nothing and a second pipeline run skips every
-stage; then the `dvc exp` and Prefect-sweep views of the same experiment agree."""
+stage; then the `dvc exp` and Prefect-sweep views of the same experiment agree, and the method comparison (a
+command beside the pipeline, not a stage) runs two seeds from the pipeline's models/dapt."""
 import json
 import os
 import re
@@ -108,7 +109,8 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     shown = sh("dvc metrics show --json", root, env)
     assert "after.eval_loss" in shown or '"eval_loss"' in shown
     report = (root / "reports" / "pipeline" / "report.md").read_text()
-    assert "## PPO" in report and "## Method comparison" in report and "Model registry" in report
+    assert "## PPO" in report and "Model registry" in report
+    assert "## Method comparison" not in report and "`make compare`" in report  # a command, not a stage
 
     import mlflow
 
@@ -205,10 +207,20 @@ def screenshot_flow_run(page: str, run_name: str) -> None:
     assert img.size == (1600, 1000) and colours is not None and len(colours) > 50, "blank screenshot"
 
 
-def test_prefect_sweep_and_dvc_exp_agree(repo):
+@pytest.fixture(scope="module")
+def sft_inputs(repo):
+    """models/dapt and data/prepared, which a sweep and the method comparison start from: the deployed pipeline
+    (the first test) made them; when the tests below run on their own (`-k`), `dvc repro dapt` makes them."""
+    root, env = repo
+    if not (root / "models" / "dapt").is_dir():
+        sh("dvc repro dapt", root, env)
+    return root, env
+
+
+def test_prefect_sweep_and_dvc_exp_agree(sft_inputs):
     """The same params give the same result through a Prefect sweep (on prefect-dask, 2 points at once) and
     through `dvc exp run`; both show up in `dvc exp show` / MLflow with the param as a column."""
-    root, env = repo
+    root, env = sft_inputs
     sh(f"{sys.executable} -m flows.sweep --name lr --grid training.lr=0.001,0.002 --parallel 2 --task-runner dask",
        root, env)
     # the whole evaluations (per-task losses are not headline numbers)
@@ -230,6 +242,35 @@ def test_prefect_sweep_and_dvc_exp_agree(repo):
     sweep = mlflow.search_runs(experiment_names=["llm-refinery"], filter_string="tags.stage = 'sweep'")
     assert len(mlflow.search_runs(experiment_names=["llm-refinery"],
                                   filter_string=f"tags.mlflow.parentRunId = '{sweep.iloc[0]['run_id']}'")) == 2
+
+
+def test_compare_methods_two_seeds(sft_inputs):
+    """`python -m flows.compare_methods` (`make compare`): 2 methods x 2 seeds from the pipeline's models/dapt,
+    under experiments/compare/<name>/; the table has a row per method and the `stable` column; the second seed
+    really trains differently; one MLflow parent run (stage `compare`) with a child per method and seed."""
+    root, env = sft_inputs
+    sh(f"{sys.executable} -m flows.compare_methods --name t --seeds 1,2 --methods lora,ia3 --max-steps 1", root, env)
+    out = root / "experiments" / "compare" / "t"
+    table = (out / "methods.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| method |"))
+    assert {"stable", "score_seed1", "score_seed2", "vs_best_seed2"} <= {c.strip() for c in header.split("|")}
+    assert sorted(line.split("|")[1].strip() for line in table if line.startswith(("| lora |", "| ia3 |"))) == [
+        "ia3", "lora"]
+    assert any("Kendall tau" in line for line in table)
+    assert yaml.safe_load((out / "params-seed2" / "base.yaml").read_text())["seed"] == 2
+    lora = [mc.read_evaluation("compare-lora", out / f"seed{s}" / "lora") for s in (1, 2)]
+    assert lora[0]["train"]["final_loss"] != lora[1]["train"]["final_loss"]  # the seed changed the run
+    assert json.loads((out / "metrics" / "compare.json").read_text())["methods"].keys() == {"lora", "ia3"}
+    assert "compare" not in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    parent = mlflow.search_runs(experiment_names=["llm-refinery"], filter_string="tags.stage = 'compare'")
+    assert len(parent) == 1
+    children = mlflow.search_runs(experiment_names=["llm-refinery"],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.iloc[0]['run_id']}'")
+    assert sorted(children["tags.stage"]) == ["compare-ia3", "compare-ia3", "compare-lora", "compare-lora"]
 
 
 def test_dvc_experiment_with_a_virtual_token_sft(repo):

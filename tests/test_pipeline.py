@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_order_is_dvc_yaml_and_the_design():
     order = stage_order(REPO)
     assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    main = [s for s in order if s != "compare"]
-    assert main == ["base_model", "prepare", "dapt", "sft", "reward", "ppo", "report"]  # docs/DESIGN.md's stage map
-    assert order.index("compare") > order.index("sft")
+    assert order == ["base_model", "prepare", "dapt", "sft", "reward", "ppo", "report"]  # docs/DESIGN.md's stage map
+    # the method comparison is its own command (`make compare`, experiments/compare/), not a stage
+    assert "compare" not in order
 
 
 def test_every_stage_cmd_is_its_flow():
@@ -99,13 +99,14 @@ def test_report_flags_over_optimisation():
 def test_report_reads_only_what_the_contract_promises():
     """The report builds from the smallest record each stage's contract allows (sft without `before`)."""
     text, _ = build_report({stage: metrics_contract.example(stage) for stage in metrics_contract.CONTRACTS})
-    for section in ("## DAPT", "## SFT", "## Reward model", "## PPO", "## Method comparison"):
+    for section in ("## DAPT", "## SFT", "## Reward model", "## PPO"):
         assert section in text
+    assert "## Method comparison" not in text and "`make compare`" in text  # a command, not a stage
 
 
 def test_dvc_yaml_records_what_the_contract_says():
     """metrics/<stage>.json is a DVC metric of a stage with a contract; its whole evaluation is a `cache: false`
-    out of that stage (compare's lies in its reports/compare out), and the report depends on those files."""
+    out of that stage, and the report depends on those files."""
     def entries(items):  # dvc.yaml's `- path` or `- path: {options}` -> {path: options}
         return dict(next(iter(i.items())) if isinstance(i, dict) else (i, None) for i in items or [])
 
@@ -118,14 +119,11 @@ def test_dvc_yaml_records_what_the_contract_says():
         assert metrics == [str(metrics_contract.metrics_path(name))], name
         metrics_contract.contract_for(name)
         outs = {k: v or {} for k, v in entries(spec["outs"]).items()}
-        full = str(metrics_contract.evaluation_path(name))
-        if name == "compare":
-            assert full.startswith(next(iter(outs)) + "/")
-        else:
-            assert outs[full].get("cache") is False, name
+        assert outs[str(metrics_contract.evaluation_path(name))].get("cache") is False, name
     report_deps = stages["report"]["deps"]
-    for name in ("dapt", "sft", "reward", "ppo", "compare"):
+    for name in ("dapt", "sft", "reward", "ppo"):
         assert str(metrics_contract.evaluation_path(name)) in report_deps, name
+    assert not [d for d in report_deps if "compare" in d]  # experiments/compare/ is not DVC-tracked
 
 
 def test_code_cites_only_the_repository_design():

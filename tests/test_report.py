@@ -37,7 +37,7 @@ def synthetic() -> tuple[dict, list[dict]]:
     """Evaluations shaped as the stages write them (the contract's smallest records plus comparison blocks,
     early stopping and calibration), and plots/ppo/train.csv rows."""
     rng = np.random.default_rng(0)
-    m = {s: mc.example(s) for s in mc.CONTRACTS}
+    m = {s: mc.example(s) for s in mc.CONTRACTS if s != "compare"}  # compare: a command, not in the report
 
     d = m["dapt"]
     b, a, block = _paired(rng, 40, 3.2, -0.25, 0.2, lower_is_better=True)
@@ -93,12 +93,6 @@ def synthetic() -> tuple[dict, list[dict]]:
                       "reference_score_policy": float(ref_pol.mean()), "reference_score_sft": float(ref_sft.mean()),
                       "reference_score_change": paired_difference(ref_sft, ref_pol).as_dict()})
 
-    m["compare"] = {"methods": {"lora": {"status": "ok", "trainable_percent": 0.6, "peak_memory_mb": 2100.0,
-                                         "seconds_per_step": 5.1, "tokens_per_second": 80.0, "eval_loss": 3.1,
-                                         "score": 0.15},
-                                "ia3": {"status": "ok", "trainable_percent": 0.01, "peak_memory_mb": 2050.0,
-                                        "seconds_per_step": 4.9, "tokens_per_second": 85.0, "eval_loss": 3.6,
-                                        "score": 0.12}}}
     for stage, record in m.items():
         mc.validate(stage, record)
     return m, rows
@@ -164,7 +158,7 @@ def test_every_comparison_has_n_ci_and_verdict():
 
 def test_old_records_and_missing_stages_still_report():
     """A record from before comparison blocks (no `comparison`, no CI blocks in PPO's eval), sft without
-    `before`, and no compare/dapt at all: the report says what is missing instead of failing."""
+    `before`, and no dapt at all: the report says what is missing instead of failing."""
     m, _ = synthetic()
     sft = m["sft"]
     del sft["comparison"], sft["early_stopping"]
@@ -173,7 +167,7 @@ def test_old_records_and_missing_stages_still_report():
         del ppo["eval"][k]
     del ppo["train"]["reward_slope"], ppo["train"]["target_kl"]
     text, _ = build_report({"sft": sft, "ppo": ppo, "reward": m["reward"]})
-    assert "not recorded" in text and "Not run (no evaluation found): dapt, compare." in text
+    assert "not recorded" in text and "Not run (no evaluation found): dapt." in text
     assert "(no target recorded)" in text
     no_before = mc.example("sft")
     text, _ = build_report({"sft": no_before})
@@ -200,7 +194,7 @@ def test_html_is_rendered_markdown_with_its_figures(tmp_path):
     assert (out / "report.md").read_text() == text
     page = (out / "report.html").read_text()
     assert "<pre>" not in page
-    assert page.count("<h2>") >= 6 and page.count("<table>") >= 6 and "<th>verdict</th>" in page
+    assert page.count("<h2>") >= 5 and page.count("<table>") >= 5 and "<th>verdict</th>" in page  # 4 stages + registry
     images = re.findall(r'<img[^>]+src="([^"]+)"', page)
     assert {"sft_task_scores.png", "ppo_reward_kl.png", "reward_calibration.png", "dapt_train.png"} <= set(images)
     for src in images:
@@ -211,7 +205,7 @@ def test_html_is_rendered_markdown_with_its_figures(tmp_path):
 
 def test_report_flow_writes_and_logs_the_report(tmp_path, monkeypatch):
     """The flow itself (without a Prefect run: `.fn`): reads reports/<stage>/evaluation.json, writes the
-    report, logs it to MLflow; a stage that did not run (compare) is left out."""
+    report, logs it to MLflow; the method comparison (a command, not a stage) is only pointed to."""
     import mlflow
 
     m, rows = synthetic()
@@ -226,7 +220,7 @@ def test_report_flow_writes_and_logs_the_report(tmp_path, monkeypatch):
         path.write_text(__import__("json").dumps(m[stage]))
     write_plots(tmp_path, rows)
     text = report_flow.fn(policy_dir=str(tmp_path / "models" / "ppo"))
-    assert "## PPO" in text and "## Method comparison" not in text and "compare." in text
+    assert "## PPO" in text and "## Method comparison" not in text and "`make compare`" in text
     assert "Not registered: no policy at" in text
     run = mlflow.search_runs(experiment_names=[yaml.safe_load((tmp_path / "params" / "base.yaml").read_text())
                                                ["tracking"]["experiment"]], output_format="list")[0]
@@ -281,3 +275,16 @@ def test_general_domain_retention_table():
     assert "+0.1052 [+0.1052, +0.1052]" in rows[0]  # exp(0.1) - 1, no spread
     assert "(within +5%)" in rows[1] and rows[1].endswith("| improved |")
     assert "dapt: general-domain perplexity *worse*" in text  # and in the verdict summary
+
+
+def test_a_fully_resumed_stage_says_it_trained_nothing():
+    """A stage resumed from its last checkpoint trains nothing in that process: its 0.0 tokens/s must not read as
+    a stalled run."""
+    from flows.report import _train_line
+
+    resumed = {"method": "lora", "steps": 16, "tokens_per_second": 0.0, "tokens_this_process": 0,
+               "resumed_from_step": 16, "peak_memory_mb": 900.0, "trainable_percent": 3.5}
+    assert "resumed at step 16: nothing left to train" in _train_line(resumed)
+    assert "0.0 tokens/s" not in _train_line(resumed)
+    fresh = {**resumed, "tokens_per_second": 210.5, "tokens_this_process": 40960, "resumed_from_step": None}
+    assert "210.5000 tokens/s" in _train_line(fresh)

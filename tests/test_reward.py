@@ -78,3 +78,19 @@ def test_ppo_stage_on_tiny_models(reward_project, prefect_server):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(reward_project / "models" / "ppo")
+
+
+def test_task_weights_oversample_and_refuse_unknown_tasks():
+    """`task_weights` repeats a task's pairs (the fractional part as a seeded share of them) and refuses a task
+    no pair has, naming the params file and field (a typo would otherwise train as if it were not there)."""
+    from refinery.errors import UserError
+    from refinery.train.reward_model import weight_tasks
+
+    rows = [{"task": "a", "i": i} for i in range(10)] + [{"task": "b", "i": i} for i in range(4)]
+    out = weight_tasks(rows, {"b": 2.5}, seed=0, source="params/reward.yaml")
+    assert sum(r["task"] == "a" for r in out) == 10 and sum(r["task"] == "b" for r in out) == 10
+    assert {r["i"] for r in out if r["task"] == "b"} == set(range(4))
+    assert out == weight_tasks(rows, {"b": 2.5}, seed=0, source="x")  # seeded
+    assert weight_tasks(rows, {}, seed=0, source="x") is rows
+    with pytest.raises(UserError, match=r"params/reward.yaml: task_weights.c: no training pair has task 'c'"):
+        weight_tasks(rows, {"c": 2.0}, seed=0, source="params/reward.yaml")

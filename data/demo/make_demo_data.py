@@ -161,11 +161,16 @@ def hard_which_module_negative(rng: random.Random, e: "Entry") -> str:
     return e.name.rpartition(".")[2]
 
 
-def hard_summary_negative(rng: random.Random, e: "Entry", truth: str) -> str | None:
-    """A rejected summary: a vague sentence, or the true summary cut to its first two or three words
-    (None when the summary is too short to cut)."""
-    if rng.random() < 0.5:
+def hard_summary_negative(rng: random.Random, e: "Entry", truth: str, other: str) -> str | None:
+    """A rejected summary: a vague sentence, the true summary cut to its first two or three words (None when
+    the summary is too short to cut), or the true summary padded with another object's summary. Cut-off
+    negatives alone taught the reward model "longer is better" (the first PPO run on them grew its summaries
+    from 6 to 9 words and drifted off the reference); padded ones make length on its own no signal."""
+    kind = rng.randrange(3)
+    if kind == 0:
         return rng.choice(VAGUE_SUMMARIES).format(name=e.name.rpartition(".")[2], kind=e.kind)
+    if kind == 2:
+        return f"{truth.rstrip('.')}. {other}"
     words = truth.rstrip(".").split()
     if len(words) < 5:
         return None
@@ -633,7 +638,7 @@ def main() -> None:
         distractor = rng.choice(same_kind or others)
         rejected = summ_data[distractor.qualname][1]
         if hard_rng.random() < HARD_NEGATIVE_SHARE:
-            rejected = hard_summary_negative(hard_rng, e, truth) or rejected
+            rejected = hard_summary_negative(hard_rng, e, truth, rejected) or rejected
         prefs.append({"id": f"pref:summarize:{e.qualname}", "prompt": summ_data[e.qualname][0],
                       "chosen": truth, "rejected": rejected, "task": "summarize"})
     rng.shuffle(prefs)

@@ -1,7 +1,7 @@
 """Multi-tenant generation: one frozen base model in memory, several task adapters, switched per request.
 
     python -m refinery.ops.generate --base models/dapt \\
-        --adapter sft=models/sft/adapter --adapter other=reports/compare/ia3/model/adapter \\
+        --adapter sft=models/sft/adapter --adapter other=experiments/compare/default/seed42/ia3/model/adapter \\
         --use sft --prompt "Which module defines the function `dumps`?"
 
 Without --prompt, reads JSON lines `{"adapter": "sft", "prompt": "..."}` from stdin and writes

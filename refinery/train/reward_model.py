@@ -9,6 +9,7 @@ included); the head reads the last non-padding token. Plain `transformers` loads
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from transformers import Trainer
 
 from refinery.data.chat import conversation_ids
 from refinery.data.packing import pad_with_mask
+from refinery.errors import UserError
 from refinery.modeling.loading import load_scalar_model
 
 
@@ -28,6 +30,27 @@ def pair_rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
     return [{"chosen": render(tokenizer, r["prompt"], r["chosen"], max_length),
              "rejected": render(tokenizer, r["prompt"], r["rejected"], max_length),
              "task": r.get("task", "")} for r in records]
+
+
+def weight_tasks(rows: list[dict], weights: dict[str, float], seed: int, source: str) -> list[dict]:
+    """The training pairs with each task's pairs repeated `weights[task]` times (a fractional part: that share
+    of its pairs once more, drawn with `seed`), in their original order, so the trainer's shuffled sampler sees
+    the task that often. A weight naming no task in the data is refused (a typo would silently do nothing)."""
+    tasks = {r["task"] for r in rows}
+    unknown = sorted(set(weights) - tasks)
+    if unknown:
+        raise UserError(f"{source}: task_weights.{unknown[0]}: no training pair has task '{unknown[0]}' "
+                        f"(tasks: {', '.join(sorted(t or '(none)' for t in tasks))})")
+    if not weights:
+        return rows
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for task in sorted(tasks):
+        mine = [r for r in rows if r["task"] == task]
+        w = weights.get(task, 1.0)
+        whole, frac = int(w), w - int(w)
+        out += mine * whole + rng.sample(mine, round(frac * len(mine)))
+    return out
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
