@@ -88,7 +88,8 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
         raise UserError(f"{prompts_dir}/train.jsonl: no prompt within max_prompt_tokens={cfg.max_prompt_tokens}")
     return PPOInputs(stage="ppo", base=base, cfg=cfg, tokenizer=tokenizer,
                      inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir)},
-                     model=load_causal_lm(policy_dir, base.trust_remote_code, method=cfg),
+                     model=load_causal_lm(policy_dir, base.trust_remote_code, method=cfg,
+                                          attn_implementation=base.attn_implementation),
                      policy_dir=policy_dir, reward_dir=reward_dir, tokenizer_hash=tok_hash, prompts_dir=prompts_dir,
                      train_records=[train_records[i] for i in keep], train_prompts=[train_prompts[i] for i in keep],
                      val_records=val_records, val_prompts=[prompt_ids(tokenizer, r["prompt"]) for r in val_records],
@@ -124,9 +125,11 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.config.use_cache = True  # generation-heavy: keep the KV cache
     policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
-    value_model = apply_method(to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg)), cfg, "SEQ_CLS",
-                               reward_dir, seed=base.seed)
-    reward_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code)).eval().requires_grad_(False)
+    attn = base.attn_implementation
+    value_model = apply_method(to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn)), cfg,
+                               "SEQ_CLS", reward_dir, seed=base.seed)
+    reward_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, attn_implementation=attn))
+    reward_model = reward_model.eval().requires_grad_(False)
     trainable, total = count_parameters(policy)
 
     def reward_fn(idx, rollout):

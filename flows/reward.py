@@ -76,7 +76,8 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     pad = tokenizer.pad_token_id
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
                         inputs={"model": input_dir, "preferences": str(prefs)},
-                        model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg),
+                        model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg,
+                                              base.attn_implementation),
                         init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad)
 
 

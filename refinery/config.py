@@ -30,11 +30,29 @@ class LoraArgs(Strict):
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR))
     use_dora: bool = False    # DoRA (peft): a learned magnitude per output channel beside the low-rank direction
     use_rslora: bool = False  # rank-stabilised LoRA (peft): scale alpha/sqrt(r) instead of alpha/r
+    # peft's init_lora_weights: default (B = 0, A Kaiming) | gaussian | pissa (A, B from the weight's top
+    # singular vectors; the frozen weight keeps the residual) | olora (from a QR decomposition). pissa/olora
+    # change the frozen weight, so the saved adapter is converted back to a plain LoRA delta on the untouched
+    # base (peft's path_initial_model_for_weight_conversion) and PPO, whose reference is the adapter switched
+    # off, refuses them
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+
+    @model_validator(mode="after")
+    def _init_combinations(self):
+        if self.init in ("pissa", "olora") and self.use_dora:
+            raise ValueError(f"init: {self.init} with use_dora: true is not supported (pick one)")
+        return self
 
 
 class QLoraArgs(LoraArgs):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _no_mutating_init(self):
+        if self.init in ("pissa", "olora"):  # the 4-bit base cannot hold the residual weight exactly
+            raise ValueError(f"init: {self.init} is not supported with qlora (use method: lora)")
+        return self
 
 
 class AdapterArgs(Strict):
@@ -137,6 +155,9 @@ class BaseParams(Strict):
     seed: int = 42
     # auto | fp32 | bf16 | fp16: fp32 master weights, matmuls at this precision (refinery/modeling/precision.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # attention kernel of every model a stage loads (transformers' `attn_implementation`); null: transformers'
+    # default (sdpa where the architecture has it). flash_attention_2 needs CUDA and the flash-attn package.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     trust_remote_code: bool = False
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
@@ -316,6 +337,13 @@ class PPOParams(MethodParams):
     def _minibatch(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_is_the_adapter_off(self):
+        if self.method == "lora" and self.lora.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init: {self.lora.init} changes the frozen weights, and PPO's reference is the policy "
+                             "with its adapter off, which would then not be the SFT model (use default or gaussian)")
         return self
 
 

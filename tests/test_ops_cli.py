@@ -291,6 +291,20 @@ def test_refinery_console_command_runs_a_stage_like_python_m(project, api_env):
     assert report["sets"]["sft/summarize"]["kept"] > 0
 
 
+def test_the_gpu_extra_installs_and_declares_bitsandbytes():
+    """`pip install -e '.[gpu]'` (the README's GPU install) builds: setuptools is told its packages (it once
+    refused, finding several top-level folders), and the extra brings bitsandbytes. Offline: --no-deps
+    --no-index checks the build and the metadata, not the download."""
+    from importlib.metadata import metadata
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-e", ".[gpu]"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Would install llm-refinery" in proc.stdout, proc.stderr[-2000:]
+    md = metadata("llm-refinery")
+    assert "gpu" in md.get_all("Provides-Extra")
+    assert any(r.startswith("bitsandbytes") and 'extra == "gpu"' in r for r in md.get_all("Requires-Dist"))
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_repository_fail_in_one_line_or_queue(repo, ran_to_dapt):
     """Run A holds the repository; B started meanwhile fails at once in one line naming A; C with --wait

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from refinery.config import MethodParams
 from refinery.errors import UserError
 from refinery.modeling import bottleneck
-from refinery.modeling.methods import REGISTRY, quantization_kwargs
+from refinery.modeling.methods import INITIAL_ADAPTER, REGISTRY, quantization_kwargs
 
 
 def model_kind(folder: str | Path) -> str:
@@ -82,7 +82,7 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
 
 
 def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=torch.float32,
-                   method: MethodParams | None = None):
+                   method: MethodParams | None = None, attn_implementation: str | None = None):
     """A full model folder as a plain causal LM (the starting point of every training stage); in 4-bit
     when `method` is qlora."""
     kind = model_kind(folder)
@@ -90,7 +90,22 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=to
         raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
                         "from full weights (see the chaining table in README.md)")
     check_weight_files(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype))
+    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype),
+                                                **attention_kwargs(attn_implementation))
+
+
+def attention_kwargs(attn_implementation: str | None) -> dict:
+    """`attn_implementation` for from_pretrained (none: transformers' default), refused in one line before any
+    loading when this machine cannot run it (flash-attn without CUDA or without its package)."""
+    if attn_implementation is None:
+        return {}
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise UserError("params/base.yaml: attn_implementation: flash_attention_2 needs a CUDA GPU and the "
+                            "flash-attn package (pip install flash-attn); use sdpa or null here")
+    return {"attn_implementation": attn_implementation}
 
 
 def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None = None, dtype=torch.float32) -> dict:
@@ -101,11 +116,11 @@ def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None 
 
 
 def load_scalar_model(folder: str | Path, trust_remote_code: bool = False, method: MethodParams | None = None,
-                      **extra):
+                      attn_implementation: str | None = None, **extra):
     """A one-scalar sequence-classification model (the reward model, PPO's value model)."""
     check_weight_files(folder)
     return AutoModelForSequenceClassification.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method),
-                                                              **extra)
+                                                              **attention_kwargs(attn_implementation), **extra)
 
 
 def to_compute_device(model):
@@ -145,7 +160,11 @@ def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path)
         bottleneck.save_adapters(model, out, base_model_name_or_path=base_ref)
     elif m.mergeable:
         model.peft_config["default"].base_model_name_or_path = base_ref
-        model.save_pretrained(out / "adapter")
+        # pissa/olora changed the frozen weights: save the adapter as the plain LoRA delta it amounts to on the
+        # untouched base (what `PeftModel.from_pretrained(base, out/"adapter")` needs); merging below is exact
+        initial = getattr(model, INITIAL_ADAPTER, None)
+        model.save_pretrained(out / "adapter", **({"path_initial_model_for_weight_conversion": initial} if initial
+                                                  else {}))
         merged = (merge_into_full_precision(model, input_dir, out / "adapter") if method == "qlora"
                   else model.merge_and_unload())
         merged.save_pretrained(out)

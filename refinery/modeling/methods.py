@@ -61,6 +61,11 @@ def check_stage_method(params: MethodParams, stage: str, source: str) -> Method:
     return method
 
 
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+MUTATING_INITS = ("pissa", "olora")  # they move the top of each weight into A, B: the frozen weight is changed
+INITIAL_ADAPTER = "_refinery_initial_adapter"  # attribute: where the untrained pissa/olora adapter was saved
+
+
 def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None = None):
     """The peft config for a peft-backed method; None for `full` and `adapter`."""
     import peft
@@ -68,7 +73,8 @@ def peft_config(params: MethodParams, task_type: str, tokenizer_path: str | None
     name, a = params.method, params.method_args
     if name in ("lora", "qlora"):
         return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_dora=a.use_dora,
-                               use_rslora=a.use_rslora, target_modules=list(a.target_modules), task_type=task_type)
+                               use_rslora=a.use_rslora, target_modules=list(a.target_modules), task_type=task_type,
+                               init_lora_weights=LORA_INIT[a.init])
     if name == "ia3":
         return peft.IA3Config(target_modules=list(a.target_modules),
                               feedforward_modules=list(a.feedforward_modules), task_type=task_type)
@@ -109,7 +115,23 @@ def apply_method(model, params: MethodParams, task_type: str = "CAUSAL_LM", toke
 
     if name == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return peft.get_peft_model(model, peft_config(params, task_type, tokenizer_path))
+    model = peft.get_peft_model(model, peft_config(params, task_type, tokenizer_path))
+    if name == "lora" and params.method_args.init in MUTATING_INITS:
+        keep_initial_adapter(model)
+    return model
+
+
+def keep_initial_adapter(model) -> None:
+    """Save the untrained pissa/olora adapter (deterministic: an SVD or QR of the weights) to a temporary folder,
+    so that saving can convert the trained one into a plain LoRA delta on the original base. Removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="refinery-lora-init-")
+    atexit.register(shutil.rmtree, folder, True)
+    model.save_pretrained(folder)
+    setattr(model, INITIAL_ADAPTER, folder)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -92,10 +92,11 @@ class BradleyTerryTrainer(Trainer):
         return loss.detach(), None, None
 
 
-def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None):
+def init_reward_model(sft_dir, pad_token_id: int, seed: int, trust_remote_code: bool = False, method=None,
+                      attn_implementation: str | None = None):
     """A scalar-head model on the SFT weights (4-bit base when `method` is qlora); the new head seeded."""
     torch.manual_seed(seed)  # the new head's init
-    model = load_scalar_model(sft_dir, trust_remote_code, method, num_labels=1)
+    model = load_scalar_model(sft_dir, trust_remote_code, method, attn_implementation, num_labels=1)
     model.config.pad_token_id = pad_token_id
     return model
 

@@ -62,7 +62,7 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
               f"training.eval_steps {cfg.training.eval_steps} -> 0", file=sys.stderr)
         cfg.training.eval_steps = 0
         cfg.training.early_stopping_patience = 0
-    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg)
+    model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg, attn_implementation=base.attn_implementation)
     return base, cfg, method, model, load_tokenizer(input_dir, base.trust_remote_code)
 
 
