@@ -245,7 +245,8 @@ def compare_flow(name: str = "default", params_dir: str = "params", input_dir: s
     with open_stage_record("compare", base, {"compare": cfg.model_dump()}, root=out,
                            name=run_name("compare", name)) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id}
-        base_overrides = {"training.max_steps": cfg.max_steps, **cfg.sft_overrides}
+        # equal budgets: the same steps for every method, whatever params/sft.yaml says about epochs
+        base_overrides = {"training.max_steps": cfg.max_steps, "training.num_epochs": None, **cfg.sft_overrides}
         with runner:
             futures = {(s, m): runner.submit(run_method, {
                 "method": m, "seed": s, "params_dir": dirs[s], "input_dir": input_dir, "data_dir": data_dir,

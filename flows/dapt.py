@@ -19,7 +19,7 @@ from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summ
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import flow_run_namer, open_stage_record, refuse, stage_main, summary_markdown
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
-from refinery.train.trainer import run_trainer
+from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
 SOURCE = "params/dapt.yaml"
 
@@ -54,10 +54,11 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     """Params, model, tokenizer and rows, checked before anything trains (every rank builds the same)."""
     base, cfg, method, model, tokenizer = load_start("dapt", params_dir, input_dir, overrides)
     corpus = Path(data_dir) / "corpus"
+    train_rows = corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing)
+    derive_max_steps("dapt", cfg.training, len(train_rows), global_batch(cfg.training))  # an epoch = every row once
     return DaptInputs(stage="dapt", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
                       inputs={"model": input_dir, "corpus": str(corpus)}, corpus=corpus,
-                      general=load_general(data_dir, tokenizer),
-                      train_rows=corpus_rows(corpus / "train.jsonl", tokenizer, cfg.block_size, method.packing),
+                      general=load_general(data_dir, tokenizer), train_rows=train_rows,
                       val_rows=corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing),
                       collate=PadCollator(tokenizer.pad_token_id))
 

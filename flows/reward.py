@@ -35,7 +35,7 @@ from refinery.train.reward_model import (
     weight_tasks,
 )
 from refinery.train.stage_io import StageInputs, save_stage_output, train_block
-from refinery.train.trainer import run_trainer
+from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
 
 @uncached_task
@@ -72,6 +72,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     prefs = Path(data_dir) / "preferences"
     train = weight_tasks(pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "train.jsonl")], cfg.max_length),
                          cfg.task_weights, base.seed, f"{params_dir}/reward.yaml")
+    derive_max_steps("reward", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every (weighted) pair
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,

@@ -15,7 +15,6 @@ from refinery.evaluation.sft_tasks import compare_tasks, evaluate_tasks
 from refinery.modeling.manifest import hash_obj
 from refinery.modeling.methods import REGISTRY, apply_method, count_parameters
 from refinery.modeling.precision import compute_precision
-from refinery.ops.distributed import world_size
 from refinery.ops.prefect_artifacts import Progress, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -27,7 +26,7 @@ from refinery.ops.stage_cli import (
     summary_markdown,
 )
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
-from refinery.train.trainer import run_trainer
+from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
 
 @uncached_task
@@ -72,7 +71,12 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     probs = mixture_probs({t: len(p) for t, p in pools.items()}, {t: s.weight for t, s in cfg.tasks.items()},
                           cfg.mixing, cfg.temperature)
     t = cfg.training
-    n_rows = t.max_steps * t.batch_size * t.grad_accum * max(t.nproc_per_node, world_size())
+    # an epoch = every training example once, in expectation (rows are drawn from the mixture); a packed row holds
+    # about block_size / (mean example length) examples
+    mean_len = sum(min(len(ex[0]), cfg.block_size) for p in pools.values() for ex in p) / max(sum(map(len, pools.values())), 1)
+    per_row = max(1, cfg.block_size // max(int(mean_len), 1)) if method.packing else 1
+    derive_max_steps("sft", t, sum(map(len, pools.values())), global_batch(t) * per_row)
+    n_rows = t.max_steps * global_batch(t)
     rows, counts = build_train_rows(pools, probs, n_rows, cfg.block_size, method.packing, base.seed)
     return SftInputs(stage="sft", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
                      inputs={"model": input_dir, "sft_data": str(folder)}, folder=folder, val=val, probs=probs,

@@ -114,6 +114,9 @@ class MethodParams(Strict):
 
 class TrainingArgs(Strict):
     max_steps: int = Field(20, gt=0)
+    # passes over the training data instead of a step count: when set, max_steps is derived from it (refinery/
+    # train/trainer.py `derive_max_steps`) and the stage prints what it derived; null: max_steps as given
+    num_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)

@@ -7,6 +7,7 @@ checkpoint, and per-step metrics (loss, lr, grad norm, tokens/s) into the stage'
 """
 from __future__ import annotations
 
+import math
 import re
 import resource
 import shutil
@@ -139,6 +140,23 @@ def monitoring_arguments(targs: TrainingArgs) -> dict:
     return {"eval_strategy": "steps", "eval_steps": targs.eval_steps, "save_steps": targs.eval_steps,
             "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
             "per_device_eval_batch_size": targs.batch_size, "prediction_loss_only": True}
+
+
+def global_batch(targs: TrainingArgs) -> int:
+    """Rows per optimiser step over all processes."""
+    from refinery.ops.distributed import world_size
+
+    return targs.batch_size * targs.grad_accum * max(targs.nproc_per_node, world_size())
+
+
+def derive_max_steps(stage: str, targs: TrainingArgs, examples: int, examples_per_step: float) -> None:
+    """`num_epochs` -> `max_steps` = ceil(num_epochs x examples / examples per step), written into `targs` (so
+    the checkpoint key, MLflow params and schedule all see the steps that run); nothing when it is unset."""
+    if targs.num_epochs is None:
+        return
+    targs.max_steps = max(1, math.ceil(targs.num_epochs * examples / examples_per_step))
+    print(f"{stage}: num_epochs {targs.num_epochs:g} over {examples} training examples "
+          f"({examples_per_step:g} per step) -> max_steps {targs.max_steps}")
 
 
 def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: Path, seed: int,
