@@ -33,9 +33,16 @@ SMALL = {"training.max_steps": 8, "training.batch_size": 8, "training.lr": 0.003
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_reward_stage(reward_project, prefect_server, method):
+    """The stage trains, records and saves a plain-transformers reward model. Its training pairs are made
+    rule-based (the demo's prompts and chosen answers against one fixed wrong answer): the demo's own rejected
+    answers are built so that nothing but content separates them (length included), which a random 2-layer model
+    cannot learn in a test's budget; the real model's accuracy is in README "Measured"."""
+    train = reward_project / "data" / "prepared" / "preferences" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps({**r, "rejected": "I don't know."}) + "\n" for r in rows))
     # 24 steps: at 8 the random tiny model's batch loss still wanders around log 2 (the last one is chance)
     # full fine-tuning at lr 3e-3 collapses every score to one value (loss exactly log 2): 3e-4 for it
-    metrics = reward_flow(overrides={**SMALL, "method": method, "training.max_steps": 24,
+    metrics = reward_flow(overrides={**SMALL, "method": method, "training.max_steps": 24, "task_weights": {},
                                      **({"training.lr": 0.0003} if method == "full" else {})})
     on_disk = json.loads((reward_project / "reports" / "reward" / "evaluation.json").read_text())
     assert {"accuracy", "margin"} <= set(on_disk["eval"]) and "pairs_per_second" in on_disk["train"]
@@ -44,7 +51,7 @@ def test_reward_stage(reward_project, prefect_server, method):
     losses = [float(r["loss"]) for r in csv.DictReader(open(reward_project / "plots" / "reward" / "train.csv"))]
     assert history["steps"] == 24 and len(losses) == 24
     # the Bradley-Terry loss went down: the last 6 steps' mean below the first 6 steps' and below log 2
-    assert sum(losses[-6:]) / 6 < min(sum(losses[:6]) / 6, math.log(2)), losses
+    assert sum(losses[-6:]) / 6 < min(sum(losses[:6]) / 6, math.log(2)), " ".join(f"{v:.3f}" for v in losses)
 
     out = reward_project / "models" / "reward"
     rm = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers
