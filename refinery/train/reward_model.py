@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from transformers import Trainer
 
 from refinery.data.chat import conversation_ids
 from refinery.data.packing import pad_with_mask
-from refinery.errors import UserError
 from refinery.modeling.loading import load_scalar_model
 
 
@@ -35,13 +35,13 @@ def pair_rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
 def weight_tasks(rows: list[dict], weights: dict[str, float], seed: int, source: str) -> list[dict]:
     """The training pairs with each task's pairs repeated `weights[task]` times (a fractional part: that share
     of its pairs once more, drawn with `seed`), in their original order, so the trainer's shuffled sampler sees
-    the task that often. A weight naming no task in the data is refused (a typo would silently do nothing)."""
+    the task that often. A weight naming no task in the data is ignored with a warning naming the params file and
+    field, not refused: the demo's params weight `which_module`, which a user's own preference data need not have."""
     tasks = {r["task"] for r in rows}
-    unknown = sorted(set(weights) - tasks)
-    if unknown:
-        raise UserError(f"{source}: task_weights.{unknown[0]}: no training pair has task '{unknown[0]}' "
-                        f"(tasks: {', '.join(sorted(t or '(none)' for t in tasks))})")
-    if not weights:
+    for task in sorted(set(weights) - tasks):
+        print(f"warning: {source}: task_weights.{task}: no training pair has task '{task}' (tasks: "
+              f"{', '.join(sorted(t or '(none)' for t in tasks))}); this weight does nothing", file=sys.stderr)
+    if not set(weights) & tasks:
         return rows
     rng = random.Random(seed)
     out: list[dict] = []
