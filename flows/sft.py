@@ -73,9 +73,10 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     t = cfg.training
     # an epoch = every training example once, in expectation (rows are drawn from the mixture); a packed row holds
     # about block_size / (mean example length) examples
-    mean_len = sum(min(len(ex[0]), cfg.block_size) for p in pools.values() for ex in p) / max(sum(map(len, pools.values())), 1)
+    n_examples = sum(map(len, pools.values()))
+    mean_len = sum(min(len(ex[0]), cfg.block_size) for p in pools.values() for ex in p) / max(n_examples, 1)
     per_row = max(1, cfg.block_size // max(int(mean_len), 1)) if method.packing else 1
-    derive_max_steps("sft", t, sum(map(len, pools.values())), global_batch(t) * per_row)
+    derive_max_steps("sft", t, n_examples, global_batch(t) * per_row)
     n_rows = t.max_steps * global_batch(t)
     rows, counts = build_train_rows(pools, probs, n_rows, cfg.block_size, method.packing, base.seed)
     return SftInputs(stage="sft", base=base, cfg=cfg, model=model, tokenizer=tokenizer,

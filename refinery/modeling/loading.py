@@ -90,8 +90,8 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype=to
         raise UserError(f"{folder}: holds a non-mergeable '{kind}' adapter; a training stage can only start "
                         "from full weights (see the chaining table in README.md)")
     check_weight_files(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype),
-                                                **attention_kwargs(attn_implementation))
+    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method, dtype,
+                                                                              attn_implementation))
 
 
 def attention_kwargs(attn_implementation: str | None) -> dict:
@@ -108,19 +108,20 @@ def attention_kwargs(attn_implementation: str | None) -> dict:
     return {"attn_implementation": attn_implementation}
 
 
-def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None = None, dtype=torch.float32) -> dict:
+def from_pretrained_kwargs(trust_remote_code: bool, method: MethodParams | None = None, dtype=torch.float32,
+                           attn_implementation: str | None = None) -> dict:
     """The one set of from_pretrained settings: safetensors only, remote code only when asked, fp32 weights
-    (a 4-bit NF4 base when the method is qlora)."""
+    (a 4-bit NF4 base when the method is qlora), the attention kernel params/base.yaml names."""
     return {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": dtype,
-            **quantization_kwargs(method)}
+            **quantization_kwargs(method), **attention_kwargs(attn_implementation)}
 
 
 def load_scalar_model(folder: str | Path, trust_remote_code: bool = False, method: MethodParams | None = None,
                       attn_implementation: str | None = None, **extra):
     """A one-scalar sequence-classification model (the reward model, PPO's value model)."""
     check_weight_files(folder)
-    return AutoModelForSequenceClassification.from_pretrained(folder, **from_pretrained_kwargs(trust_remote_code, method),
-                                                              **attention_kwargs(attn_implementation), **extra)
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder, **from_pretrained_kwargs(trust_remote_code, method, attn_implementation=attn_implementation), **extra)
 
 
 def to_compute_device(model):

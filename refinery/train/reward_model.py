@@ -34,8 +34,8 @@ def pair_rows(tokenizer, records: list[dict], max_length: int) -> list[dict]:
 
 def weight_tasks(rows: list[dict], weights: dict[str, float], seed: int, source: str) -> list[dict]:
     """The training pairs with each task's pairs repeated `weights[task]` times (a fractional part: that share
-    of its pairs once more, drawn with `seed`), in their original order, so the trainer's shuffled sampler sees
-    the task that often. A weight naming no task in the data is ignored with a warning naming the params file and
+    of its pairs once more, drawn with `seed`), grouped by task (the trainer's sampler shuffles them), so training
+    sees the task that often. A weight naming no task in the data is ignored with a warning naming the params file and
     field, not refused: the demo's params weight `which_module`, which a user's own preference data need not have."""
     tasks = {r["task"] for r in rows}
     for task in sorted(set(weights) - tasks):
