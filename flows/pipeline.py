@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from refinery.ops import dvc_deps
 from refinery.ops.dag import flow_name, locked_stage_hash, stage_order, stage_status
 from refinery.ops.prefect_artifacts import publish_summary
 from refinery.ops.prefect_link import child_env, close_unfinished
+from refinery.ops.prefect_log import run_logged
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.repo_lock import repository_lock
 from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
@@ -59,10 +59,10 @@ def run_stage(stage: str, env: dict, force: bool = False) -> float:
     """Runs the stage through DVC (`--force`: even when DVC says it is up to date); returns its wall seconds."""
     env, linked = child_env(flow_name(stage), env)  # the stage's flow run shows as this task's subflow
     t0 = time.perf_counter()
-    proc = subprocess.run(["dvc", "repro", "--single-item", stage] + (["--force"] if force else []), env=env)
-    close_unfinished(linked, proc.returncode)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed (dvc repro exit code {proc.returncode}); its previous "
+    code = run_logged(["dvc", "repro", "--single-item", stage] + (["--force"] if force else []), env, stage)
+    close_unfinished(linked, code)
+    if code != 0:
+        raise RuntimeError(f"stage '{stage}' failed (dvc repro exit code {code}); its previous "
                            "output is untouched and a rerun resumes from its last checkpoint")
     return time.perf_counter() - t0
 

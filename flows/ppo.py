@@ -188,6 +188,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
                                               f"[{evaluation['win_rate']['ci_low']:.3f}, "
                                               f"{evaluation['win_rate']['ci_high']:.3f}] n={evaluation['n']}, "
                                               f"{evaluation['win_rate']['verdict']}"),
+                 "win rate basis": evaluation["win_rate_basis"],
                  "reward slope per step [95% CI]": reward_trend,
                  **retention_summary(metrics),
                  "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",

@@ -197,8 +197,12 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
         t, e = p["train"], p[mc.PPO_EVAL]
         s.add("## PPO", "", f"{e.get('n')} held-out prompts, PPO policy against its SFT policy; "
                             f"training: {t['steps']} steps, {_fmt(t['episodes_per_second'])} episodes/s.", "", HEADER)
-        s.row("PPO win rate", "RM-judged win rate of PPO over SFT (0.5 = no preference)", _block(e, "win_rate"),
-              0.5, e[mc.WIN_RATE_VS_SFT], e.get("n"))
+        sampled = str(e.get("win_rate_basis", "")).startswith("sampled")
+        s.row("PPO win rate", "RM-judged win rate of PPO over SFT (0.5 = no preference)"
+              + (", sampled answers" if sampled else ""), _block(e, "win_rate"), 0.5, e[mc.WIN_RATE_VS_SFT], e.get("n"))
+        if sampled and (greedy := _block(e, "win_rate_greedy")) is not None:
+            s.row("PPO win rate, greedy", "RM-judged win rate of PPO over SFT, one greedy answer each", greedy, 0.5,
+                  greedy["estimate"], greedy.get("n"))
         s.row("PPO reward-model score", "reward-model score (SFT -> PPO)", _block(e, "reward_change"),
               e[mc.REWARD_SFT], e[mc.REWARD_POLICY], e.get("n"))
         s.row("PPO reference agreement", "agreement with reference answers (SFT -> PPO)",
@@ -214,7 +218,8 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
         win = _block(e, "win_rate")
         if win is not None:
             s.add(f"Win rate **{float(win['estimate']):.3f}** [95% CI {float(win['ci_low']):.3f}, "
-                  f"{float(win['ci_high']):.3f}], n={win.get('n')}: {win['verdict']}.", "")
+                  f"{float(win['ci_high']):.3f}], n={win.get('n')}: {win['verdict']}"
+                  + (f" ({e['win_rate_basis']})" if e.get("win_rate_basis") else "") + ".", "")
         target = t.get("target_kl")
         recent = t.get("kl_last_quarter_mean", t["kl_last"])
         versus = (f" against the target {target} ({recent / target:.2f}x the target)"

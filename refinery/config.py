@@ -332,6 +332,7 @@ class PPOParams(MethodParams):
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
     eval_prompts: int = Field(24, gt=0)
     eval_max_new_tokens: int = Field(32, gt=0)
+    eval_samples: int = Field(4, ge=0)       # sampled answers per prompt and policy for the win rate (0: greedy)
     # agreement of greedy answers with the held-out references, per prompt task (default rouge_l)
     reference_metrics: dict[str, Literal["exact_match", "token_f1", "rouge_l"]] = Field(
         default_factory=lambda: {"which_module": "exact_match", "summarize": "rouge_l"})

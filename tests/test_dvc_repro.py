@@ -97,6 +97,9 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     for sub_id, name in subflows.items():
         assert any(a.type == "markdown" for a in artifacts.get(sub_id, [])), f"no summary artifact for {name}"
     assert "pipeline-summary" in {a.key for a in artifacts[run_id]}  # the final artifact: the report
+    logs = run_logs(url, run_id)  # what the stages printed is in the pipeline run's Prefect log, once per line
+    assert any("reward: held-out accuracy" in line for line in logs), logs[-20:]
+    assert any("Running stage 'dapt'" in line for line in logs), logs[:20]
 
     lock = (root / "dvc.lock").read_text()
     for stage in stages:
@@ -159,6 +162,20 @@ def final_run(url: str, run_id: str):
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
     return run if run.state and run.state.is_final() else None
+
+
+def run_logs(url: str, run_id: str) -> list[str]:
+    """The Prefect log lines of one flow run, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out: list[str] = []
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                       limit=200, offset=len(out)):
+            out += [entry.message for entry in page]
+    return out
 
 
 def subflows_and_artifacts(url: str, run_id: str):

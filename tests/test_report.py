@@ -83,12 +83,14 @@ def synthetic() -> tuple[dict, list[dict]]:
         rows.append({"step": step, "reward_mean": 0.1 + 0.03 * step + float(rng.normal(0, 0.02)),
                      "kl": 0.15 * step + float(rng.normal(0, 0.05)), "kl_coef": 0.05, "entropy": 2.0})
     pol, sft = rng.normal(0.6, 0.5, 50), rng.normal(0.3, 0.5, 50)
+    pol_k, sft_k = rng.normal(0.6, 0.5, (50, 4)), rng.normal(0.3, 0.5, (50, 4))  # 4 sampled answers per prompt
     ref_pol, ref_sft = rng.uniform(0.1, 0.5, 50), rng.uniform(0.1, 0.5, 50)
     p["train"].update({"steps": PPO_STEPS, "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"],
                        "kl_last": rows[-1]["kl"], "kl_coef_last": 0.05, "target_kl": TARGET_KL,
                        "reward_slope": slope([x["reward_mean"] for x in rows]).as_dict()})
     p["eval"].update({"reward_policy": float(pol.mean()), "reward_sft": float(sft.mean()), "n": 50, "kl": 1.7,
-                      "win_rate_vs_sft": win_rate(pol, sft).estimate, "win_rate": win_rate(pol, sft).as_dict(),
+                      "win_rate_vs_sft": win_rate(pol_k, sft_k).estimate, "win_rate": win_rate(pol_k, sft_k).as_dict(),
+                      "win_rate_basis": "sampled: 4 answers per prompt", "win_rate_greedy": win_rate(pol, sft).as_dict(),
                       "reward_change": paired_difference(sft, pol).as_dict(),
                       "reference_score_policy": float(ref_pol.mean()), "reference_score_sft": float(ref_sft.mean()),
                       "reference_score_change": paired_difference(ref_sft, ref_pol).as_dict()})
@@ -101,7 +103,7 @@ def synthetic() -> tuple[dict, list[dict]]:
 def comparison_blocks(m: dict) -> list[dict]:
     """Every comparison block the synthetic records hold."""
     out = [m["dapt"]["comparison"]["eval_loss_change"], *m["reward"]["comparison"].values(),
-           m["ppo"]["eval"]["win_rate"], m["ppo"]["eval"]["reward_change"], m["ppo"]["eval"]["reference_score_change"],
+           m["ppo"]["eval"]["win_rate"], m["ppo"]["eval"]["win_rate_greedy"], m["ppo"]["eval"]["reward_change"], m["ppo"]["eval"]["reference_score_change"],
            m["ppo"]["train"]["reward_slope"]]
     for task in m["sft"]["comparison"].values():
         out += task.values()

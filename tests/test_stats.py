@@ -59,6 +59,17 @@ def test_win_rate_ties_count_half_and_null_is_one_half():
     assert win_rate(np.zeros(60), np.zeros(60)).verdict == NO_CHANGE
 
 
+def test_win_rate_over_k_sampled_answers_is_the_share_of_answer_pairs_won_per_prompt():
+    # prompt 1: policy answers (3, 1) against baseline (2, 2): pairs won 1, 0, 1, 0 -> 0.5
+    # prompt 2: (5, 5) against (5, 0): a tie, a win, a tie, a win -> 0.75
+    e = win_rate([[3, 1], [5, 5]], [[2, 2], [5, 0]])
+    assert e.n == 2 and e.estimate == pytest.approx((0.5 + 0.75) / 2)
+    # one answer per prompt as a column is the plain win rate
+    assert win_rate([[1], [0]], [[0], [1]]).estimate == win_rate([1, 0], [0, 1]).estimate
+    with pytest.raises(ValueError, match="one shape"):
+        win_rate([[1, 2]], [[1]])
+
+
 def test_same_seed_same_interval_and_golden_values():
     x = np.random.default_rng(3).normal(0.1, 1.0, 64)
     a, b = bootstrap_mean(x, seed=7), bootstrap_mean(x, seed=7)

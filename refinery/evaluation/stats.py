@@ -122,10 +122,18 @@ def paired_ratio_of_means(before: Sequence[float], after: Sequence[float], weigh
 
 def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], *, seed: int = 0,
              resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> Estimate:
-    """Share of examples where the policy scores higher (ties count 1/2), with a bootstrap CI, judged
-    against 0.5 (no preference)."""
+    """Share of examples where the policy scores higher (ties count 1/2), with a bootstrap CI over examples,
+    judged against 0.5 (no preference). Scores may be [n] (one answer per example) or [n, k] (k sampled answers
+    per example from each side): an example's win is then the share of its k x k answer pairs the policy wins,
+    the probability that a policy answer beats a baseline answer for that prompt; the bootstrap still resamples
+    examples, the independent unit."""
     p, q = np.asarray(policy_scores, dtype=np.float64), np.asarray(baseline_scores, dtype=np.float64)
-    wins = (p > q).astype(np.float64) + 0.5 * (p == q)
+    if p.shape != q.shape or p.ndim not in (1, 2):
+        raise ValueError(f"win_rate: scores must be [n] or [n, k] of one shape, got {p.shape} and {q.shape}")
+    if p.ndim == 1:
+        p, q = p[:, None], q[:, None]
+    a, b = p[:, :, None], q[:, None, :]
+    wins = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
     return bootstrap_mean(wins, null=0.5, seed=seed, resamples=resamples, confidence=confidence)
 
 
