@@ -103,7 +103,8 @@ def synthetic() -> tuple[dict, list[dict]]:
 def comparison_blocks(m: dict) -> list[dict]:
     """Every comparison block the synthetic records hold."""
     out = [m["dapt"]["comparison"]["eval_loss_change"], *m["reward"]["comparison"].values(),
-           m["ppo"]["eval"]["win_rate"], m["ppo"]["eval"]["win_rate_greedy"], m["ppo"]["eval"]["reward_change"], m["ppo"]["eval"]["reference_score_change"],
+           m["ppo"]["eval"]["win_rate"], m["ppo"]["eval"]["win_rate_greedy"], m["ppo"]["eval"]["reward_change"],
+           m["ppo"]["eval"]["reference_score_change"],
            m["ppo"]["train"]["reward_slope"]]
     for task in m["sft"]["comparison"].values():
         out += task.values()

@@ -121,7 +121,7 @@ CONTRACTS: dict[str, StageMetrics] = {
                   *(f"{PPO_EVAL}.{k}" for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT, REFERENCE_SCORE_POLICY,
                                                 REFERENCE_SCORE_SFT, KL, "n")),
                   f"{PPO_EVAL}.win_rate.ci_low", f"{PPO_EVAL}.win_rate.ci_high",
-                  *_ci_headline(f"{PPO_EVAL}.win_rate_greedy"),
+                  f"{PPO_EVAL}.win_rate_greedy.estimate", f"{PPO_EVAL}.win_rate_greedy.verdict",
                   *_ci_headline(f"{PPO_EVAL}.reference_score_change"), *_ci_headline("train.reward_slope"),
                   *_RETENTION_HEADLINE)),
 }
