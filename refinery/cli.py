@@ -8,8 +8,8 @@
     refinery dvc-deps [--check]                                            = python -m refinery.ops.dvc_deps ...
 
 Each subcommand imports only what it runs (a Prefect flow module costs seconds to import). The stage names are
-dvc.yaml's. `compare` (the method comparison) is an experiment command like `sweep`, not a stage: its outputs go
-to experiments/compare/<name>/.
+dvc.yaml's, and `dpo` (not yet in dvc.yaml). `compare` (the method comparison) is an experiment command like
+`sweep`, not a stage: its outputs go to experiments/compare/<name>/.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import importlib
 import sys
 
 STAGE_MODULES = {"base_model": "flows.base_model", "prepare": "flows.prepare", "dapt": "flows.dapt",
-                 "sft": "flows.sft", "reward": "flows.reward", "ppo": "flows.ppo", "report": "flows.report"}
+                 "sft": "flows.sft", "reward": "flows.reward", "ppo": "flows.ppo", "report": "flows.report",
+                 "dpo": "flows.dpo"}  # dpo: a command, not yet a dvc.yaml stage (README, "dpo")
 COMMANDS = {"pipeline": "flows.pipeline", "sweep": "flows.sweep", "compare": "flows.compare_methods",
             "generate": "refinery.ops.generate", "dvc-deps": "refinery.ops.dvc_deps"}
 

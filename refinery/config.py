@@ -298,6 +298,44 @@ class RewardParams(MethodParams):
         return v
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.16's DPOConfig
+
+
+class PolicyEvalArgs(Strict):
+    """How an aligned policy is judged against its SFT policy on held-out prompts (refinery/rlhf/policy_eval.py):
+    the same fields, with the same defaults, for every alignment stage, so their numbers compare."""
+
+    eval_prompts: int = Field(24, gt=0)
+    eval_max_new_tokens: int = Field(32, gt=0)
+    eval_samples: int = Field(4, ge=0)       # sampled answers per prompt and policy for the win rate (0: greedy)
+    temperature: float = Field(1.0, gt=0)    # sampling (PPO: also its rollouts)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # agreement of greedy answers with the held-out references, per prompt task (default rouge_l)
+    reference_metrics: dict[str, Literal["exact_match", "token_f1", "rouge_l"]] = Field(
+        default_factory=lambda: {"which_module": "exact_match", "summarize": "rouge_l"})
+
+
+class DPOParams(MethodParams):
+    """Direct preference optimisation (Rafailov et al. 2023) from the SFT policy on the preference pairs, on TRL's
+    DPOTrainer; the reference is the SFT policy (for LoRA: the same weights with the adapter off)."""
+
+    beta: float = Field(0.1, gt=0)           # strength of the implicit KL to the reference
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # sigmoid = DPO, ipo = IPO, hinge = SLiC, ...
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO / robust: assumed share of flipped labels
+    max_length: int = Field(512, gt=8)       # prompt + answer tokens; longer pairs keep their start
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: PolicyEvalArgs = Field(default_factory=PolicyEvalArgs)
+
+    @model_validator(mode="after")
+    def _reference_is_the_adapter_off(self):
+        if self.method in ("lora", "qlora") and getattr(self.method_args, "init", "default") in ("pissa", "olora"):
+            raise ValueError(f"{self.method}.init: {self.method_args.init} changes the frozen weights, and DPO's "
+                             "reference is the policy with its adapter off (use default or gaussian)")
+        return self
+
+
 class PPOParams(MethodParams):
     """PPO with a KL penalty to the SFT reference (InstructGPT / Ziegler et al. 2019)."""
 
@@ -401,6 +439,7 @@ STAGE_MODELS: dict[str, type[Strict]] = {
     "dapt": DaptParams,
     "sft": SftParams,
     "compare": CompareParams,
+    "dpo": DPOParams,
     "reward": RewardParams,
     "ppo": PPOParams,
     "report": ReportParams,

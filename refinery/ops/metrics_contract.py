@@ -66,6 +66,18 @@ def _ci_headline(block: str) -> tuple[str, ...]:
     return (f"{block}.estimate", f"{block}.ci_low", f"{block}.ci_high", f"{block}.verdict")
 
 
+# the policy against its SFT policy on held-out prompts (refinery/rlhf/policy_eval.py): every alignment stage
+_POLICY_EVAL_REQUIRED: dict[str, type] = {
+    **{f"{PPO_EVAL}.{k}": float for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT, REFERENCE_SCORE_POLICY,
+                                          REFERENCE_SCORE_SFT, KL)},
+    f"{PPO_EVAL}.n": int, **_ci(f"{PPO_EVAL}.win_rate"), **_ci(f"{PPO_EVAL}.reference_score_change")}
+_POLICY_EVAL_HEADLINE = (
+    *(f"{PPO_EVAL}.{k}" for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT, REFERENCE_SCORE_POLICY,
+                                  REFERENCE_SCORE_SFT, KL, "n")),
+    f"{PPO_EVAL}.win_rate.ci_low", f"{PPO_EVAL}.win_rate.ci_high",
+    f"{PPO_EVAL}.win_rate_greedy.estimate", f"{PPO_EVAL}.win_rate_greedy.verdict",
+    *_ci_headline(f"{PPO_EVAL}.reference_score_change"))
+
 # general-domain perplexity before/after the stage (refinery/evaluation/forgetting.py), when prepare has a
 # general set: optional, so its keys are headline-only
 _RETENTION_HEADLINE = ("general_retention.perplexity_change", "general_retention.verdict")
@@ -112,17 +124,17 @@ CONTRACTS: dict[str, StageMetrics] = {
         about="PPO training reward and KL; the policy against SFT on held-out prompts",
         required={"train.method": str, "train.steps": int, "train.reward_first": float, "train.reward_last": float,
                   "train.kl_last": float, "train.episodes_per_second": float, "train.peak_memory_mb": float,
-                  **{f"{PPO_EVAL}.{k}": float for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT,
-                                                        REFERENCE_SCORE_POLICY, REFERENCE_SCORE_SFT, KL)},
-                  f"{PPO_EVAL}.n": int, **_ci(f"{PPO_EVAL}.win_rate"), **_ci(f"{PPO_EVAL}.reference_score_change")},
+                  **_POLICY_EVAL_REQUIRED},
         headline=("train.method", "train.steps", "train.reward_first", "train.reward_last", "train.kl_last",
                   "train.target_kl", "train.episodes_per_second", "train.tokens_per_second", "train.peak_memory_mb",
-                  "train.trainable_percent", "train.resumed_from_step",
-                  *(f"{PPO_EVAL}.{k}" for k in (REWARD_POLICY, REWARD_SFT, WIN_RATE_VS_SFT, REFERENCE_SCORE_POLICY,
-                                                REFERENCE_SCORE_SFT, KL, "n")),
-                  f"{PPO_EVAL}.win_rate.ci_low", f"{PPO_EVAL}.win_rate.ci_high",
-                  f"{PPO_EVAL}.win_rate_greedy.estimate", f"{PPO_EVAL}.win_rate_greedy.verdict",
-                  *_ci_headline(f"{PPO_EVAL}.reference_score_change"), *_ci_headline("train.reward_slope"),
+                  "train.trainable_percent", "train.resumed_from_step", *_POLICY_EVAL_HEADLINE,
+                  *_ci_headline("train.reward_slope"), *_RETENTION_HEADLINE)),
+    "dpo": StageMetrics(
+        about="DPO on the preference pairs; the policy against SFT on held-out prompts (the evaluation ppo gets)",
+        required={**_TRAIN_REQUIRED, "train.pairs_per_second": float, **_POLICY_EVAL_REQUIRED},
+        headline=("train.method", "train.steps", "train.pairs_per_second", "train.peak_memory_mb",
+                  "train.trainable_percent", "train.final_loss", "train.resumed_from_step", "train.beta",
+                  "train.reward_accuracy_last", "early_stopping.best_step", *_POLICY_EVAL_HEADLINE,
                   *_RETENTION_HEADLINE)),
 }
 

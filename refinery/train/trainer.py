@@ -116,8 +116,9 @@ class TrainSummary:
 
 
 def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tokens: str = "all",
-                       **extra) -> TrainingArguments:
-    """count_tokens: "all" for packed rows (no padding to skip), "non_padding" for padded batches."""
+                       args_cls: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+    """count_tokens: "all" for packed rows (no padding to skip), "non_padding" for padded batches. `args_cls`: a
+    TrainingArguments subclass (TRL's DPOConfig) that takes its own fields through `extra`."""
     kwargs = dict(
         output_dir=str(ckpt_dir), max_steps=targs.max_steps,
         per_device_train_batch_size=targs.batch_size, gradient_accumulation_steps=targs.grad_accum,
@@ -129,7 +130,7 @@ def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tok
         dataloader_num_workers=0, remove_unused_columns=False, include_num_input_tokens_seen=count_tokens,
         activation_checkpointing=targs.gradient_checkpointing, disable_tqdm=False,
     )
-    return TrainingArguments(**{**kwargs, **extra})
+    return args_cls(**{**kwargs, **extra})
 
 
 def monitoring_arguments(targs: TrainingArgs) -> dict:
@@ -162,6 +163,7 @@ def derive_max_steps(stage: str, targs: TrainingArgs, examples: int, examples_pe
 def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: Path, seed: int,
                 record=None, progress=None, trainer_cls=Trainer, count_tokens: str = "all",
                 callbacks: list | None = None, resumable: bool = True, eval_dataset=None,
+                args_cls: type[TrainingArguments] = TrainingArguments, args_extra: dict | None = None,
                 **trainer_kwargs) -> tuple[TrainSummary, Trainer]:
     """Train to `targs.max_steps`, resuming from the last complete checkpoint in `ckpt_dir` if any. With
     `targs.eval_steps` and an `eval_dataset` (a fixed validation slice), the validation loss is monitored,
@@ -179,7 +181,8 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     extra_callbacks = list(callbacks or [])
     if monitored and targs.early_stopping_patience > 0:
         extra_callbacks.append(EarlyStoppingCallback(early_stopping_patience=targs.early_stopping_patience))
-    args = training_arguments(targs, ckpt_dir, seed, count_tokens, **(monitoring_arguments(targs) if monitored else {}))
+    args = training_arguments(targs, ckpt_dir, seed, count_tokens, args_cls,
+                              **(monitoring_arguments(targs) if monitored else {}), **(args_extra or {}))
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset,
                           eval_dataset=eval_dataset if monitored else None, data_collator=collator,
                           callbacks=[callback, *extra_callbacks], **trainer_kwargs)
