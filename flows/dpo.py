@@ -25,16 +25,22 @@ from prefect import flow
 from refinery.data.chat import as_messages, prompt_ids
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
-from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
-from refinery.modeling.loading import load_scalar_model, model_kind, to_compute_device
+from refinery.evaluation.forgetting import load_general, retention_summary
+from refinery.modeling.loading import model_kind
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
-from refinery.modeling.methods import REGISTRY, apply_method, check_stage_method, count_parameters, peft_config
+from refinery.modeling.methods import REGISTRY, apply_method, count_parameters, peft_config
 from refinery.modeling.precision import compute_precision
 from refinery.ops.distributed import world_size
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import flow_run_namer, open_stage_record, refuse, stage_main, summary_markdown
-from refinery.rlhf.policy_eval import evaluate_policy
+from refinery.rlhf.policy_eval import (
+    evaluate_policy,
+    load_judge,
+    retention_against_sft,
+    score_lines,
+    win_rate_lines,
+)
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
@@ -59,9 +65,6 @@ class DpoInputs(StageInputs):
 
 def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str, overrides: dict | None) -> DpoInputs:
     """Params, tokenizer, pairs, prompts and the policy, checked before anything trains."""
-    from refinery.config import load_params
-
-    check_stage_method(load_params("dpo", params_dir, overrides), "dpo", f"{params_dir}/dpo.yaml")
     if model_kind(reward_dir) != "full":
         raise UserError(f"{reward_dir}: the reward model must be full weights (reward saves merged weights)")
     base, cfg, _, model, tokenizer = load_start("dpo", params_dir, input_dir, overrides)
@@ -138,16 +141,10 @@ def dpo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         else:
             sft_model, sft_ctx = trainer.ref_model, contextlib.nullcontext
         policy.config.use_cache = True  # generation-heavy evaluation
-        reward_model = to_compute_device(load_scalar_model(job.reward_dir, base.trust_remote_code,
-                                                           attn_implementation=base.attn_implementation))
-        reward_model = reward_model.eval().requires_grad_(False)
+        reward_model = load_judge(job.reward_dir, base.trust_remote_code, base.attn_implementation)
         evaluation, table = evaluate_dpo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
                                          job.val_prompts, cfg.eval, base.seed)
-        general = None
-        if job.general:  # before the save, which merges the adapter away
-            with sft_ctx():
-                general_sft = general_losses(sft_model, job.general, tokenizer.pad_token_id)
-            general = retention(general_sft, general_losses(policy, job.general, tokenizer.pad_token_id), base.seed)
+        general = retention_against_sft(policy, sft_model, sft_ctx, job.general, tokenizer.pad_token_id, base.seed)
         save_stage_output("dpo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         t = cfg.training
         pairs = (summary.steps - (summary.resumed_from or 0)) * t.batch_size * t.grad_accum * world_size()
@@ -162,15 +159,8 @@ def dpo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))
         rec.log_table(table, "eval_generations.json")
-        win = evaluation["win_rate"]
-        lines = {"method": cfg.method, "beta / loss": f"{cfg.beta} / {cfg.loss_type}",
-                 "win rate vs SFT [95% CI]": (f"{win['estimate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] "
-                                              f"n={evaluation['n']}, {win['verdict']}"),
-                 "win rate basis": evaluation["win_rate_basis"],
-                 "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
-                 "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
-                                                 f"{evaluation['reference_score_sft']:.3f}",
-                 **retention_summary(metrics), "pairs/s": metrics["train"]["pairs_per_second"],
+        lines = {"method": cfg.method, "beta / loss": f"{cfg.beta} / {cfg.loss_type}", **win_rate_lines(evaluation),
+                 **score_lines(evaluation), **retention_summary(metrics), "pairs/s": metrics["train"]["pairs_per_second"],
                  "params hash": hash_obj(params)[:12]}
         publish_summary("dpo", summary_markdown("dpo", "direct preference optimisation", lines, rec.run_url, out_dir),
                         metrics_table(metrics))

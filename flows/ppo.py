@@ -17,7 +17,7 @@ from refinery.config import load_params
 from refinery.data.chat import prompt_ids
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
-from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
+from refinery.evaluation.forgetting import load_general, retention_summary
 from refinery.evaluation.stats import Estimate, slope, within_group_slope
 from refinery.modeling.loading import (
     full_weights_of,
@@ -39,7 +39,15 @@ from refinery.ops.stage_cli import (
     stage_main,
     summary_markdown,
 )
-from refinery.rlhf.policy_eval import decode_responses, evaluate_policy, rm_scores
+from refinery.rlhf.policy_eval import (
+    decode_responses,
+    evaluate_policy,
+    load_judge,
+    retention_against_sft,
+    rm_scores,
+    score_lines,
+    win_rate_lines,
+)
 from refinery.rlhf.ppo_trainer import PPOTrainer, ppo_train_block
 from refinery.train.stage_io import StageInputs, save_stage_output
 from refinery.train.trainer import peak_memory_mb
@@ -128,8 +136,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     attn = base.attn_implementation
     value_model = apply_method(to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn)), cfg,
                                "SEQ_CLS", reward_dir, seed=base.seed)
-    reward_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, attn_implementation=attn))
-    reward_model = reward_model.eval().requires_grad_(False)
+    reward_model = load_judge(reward_dir, base.trust_remote_code, attn)
     trainable, total = count_parameters(policy)
 
     def reward_fn(idx, rollout):
@@ -160,11 +167,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
             sft_model, sft_ctx = ref_model, contextlib.nullcontext
         evaluation, table = evaluate_ppo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
                                          job.val_prompts, cfg, base.seed)
-        general = None
-        if job.general:  # the SFT policy (adapter off / frozen copy) against the trained one, same paragraphs;
-            with sft_ctx():  # before the save, which merges the adapter away
-                general_sft = general_losses(sft_model, job.general, tokenizer.pad_token_id)
-            general = retention(general_sft, general_losses(policy, job.general, tokenizer.pad_token_id), base.seed)
+        general = retention_against_sft(policy, sft_model, sft_ctx, job.general, tokenizer.pad_token_id, base.seed)
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
@@ -184,16 +187,10 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         rec.log_table(table, "eval_generations.json")
         lines = {"method": cfg.method, "reward (train)": f"{train['reward_first']:.3f} -> {train['reward_last']:.3f}",
                  "KL last / target": f"{train['kl_last']:.3f} / {cfg.target_kl}",
-                 "win rate vs SFT [95% CI]": (f"{evaluation['win_rate']['estimate']:.3f} "
-                                              f"[{evaluation['win_rate']['ci_low']:.3f}, "
-                                              f"{evaluation['win_rate']['ci_high']:.3f}] n={evaluation['n']}, "
-                                              f"{evaluation['win_rate']['verdict']}"),
-                 "win rate basis": evaluation["win_rate_basis"],
+                 **win_rate_lines(evaluation),
                  "reward slope per step [95% CI]": reward_trend,
                  **retention_summary(metrics),
-                 "RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
-                 "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
-                                                 f"{evaluation['reference_score_sft']:.3f}"}
+                 **score_lines(evaluation)}
         publish_summary("ppo", summary_markdown("ppo", "PPO-based RLHF", lines, rec.run_url, out_dir),
                         metrics_table(metrics))
     print("ppo: " + "; ".join(f"{k}: {v}" for k, v in lines.items()))

@@ -336,8 +336,10 @@ class DPOParams(MethodParams):
         return self
 
 
-class PPOParams(MethodParams):
-    """PPO with a KL penalty to the SFT reference (InstructGPT / Ziegler et al. 2019)."""
+class PPOParams(MethodParams, PolicyEvalArgs):
+    """PPO with a KL penalty to the SFT reference (InstructGPT / Ziegler et al. 2019). Its evaluation fields
+    (eval_prompts ... reference_metrics) and its sampling (temperature, top_k, top_p: rollouts and the sampled win
+    rate alike) are PolicyEvalArgs', which dpo keeps under `eval`."""
 
     steps: int = Field(12, gt=0)
     batch_size: int = Field(8, gt=0)          # prompts (= episodes) per PPO step
@@ -347,9 +349,6 @@ class PPOParams(MethodParams):
     value_lr: float = Field(1e-4, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     max_prompt_tokens: int = Field(256, gt=0)  # longer training prompts are left out (rollout cost ~ length)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)
@@ -368,13 +367,6 @@ class PPOParams(MethodParams):
     save_steps: int = Field(4, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
-    eval_prompts: int = Field(24, gt=0)
-    eval_max_new_tokens: int = Field(32, gt=0)
-    eval_samples: int = Field(4, ge=0)       # sampled answers per prompt and policy for the win rate (0: greedy)
-    # agreement of greedy answers with the held-out references, per prompt task (default rouge_l)
-    reference_metrics: dict[str, Literal["exact_match", "token_f1", "rouge_l"]] = Field(
-        default_factory=lambda: {"which_module": "exact_match", "summarize": "rouge_l"})
-
     @model_validator(mode="after")
     def _minibatch(self):
         if self.batch_size % self.mini_batch_size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from refinery.data.formats import prompt_text
+from refinery.evaluation.forgetting import general_losses, retention
 from refinery.evaluation.stats import paired_difference, win_rate
 from refinery.evaluation.text_metrics import METRICS
 from refinery.rlhf.rollout import response_logits, sample
@@ -43,6 +44,39 @@ def sampled_answers(model, tokenizer, prompt_ids: list[list[int]], cfg, k: int, 
         for j, i in enumerate(chunk):
             out[i] = answers[j * k:(j + 1) * k]
     return out
+
+
+def load_judge(reward_dir: str, trust_remote_code: bool, attn_implementation: str | None):
+    """The reward model, frozen in eval mode on the compute device: the judge of rollouts and evaluations."""
+    from refinery.modeling.loading import load_scalar_model, to_compute_device
+
+    model = to_compute_device(load_scalar_model(reward_dir, trust_remote_code, attn_implementation=attn_implementation))
+    return model.eval().requires_grad_(False)
+
+
+def retention_against_sft(policy, sft_model, sft_context, general: list[dict], pad_id: int, seed: int) -> dict | None:
+    """General-domain retention of the policy against its SFT policy (`sft_model` inside `sft_context()`) on the
+    same paragraphs; None without a general set. Call it before the save, which merges an adapter away."""
+    if not general:
+        return None
+    with sft_context():
+        before = general_losses(sft_model, general, pad_id)
+    return retention(before, general_losses(policy, general, pad_id), seed)
+
+
+def win_rate_lines(evaluation: dict) -> dict[str, str]:
+    """The win-rate lines of an alignment stage's Prefect summary and console line."""
+    win = evaluation["win_rate"]
+    return {"win rate vs SFT [95% CI]": (f"{win['estimate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] "
+                                         f"n={evaluation['n']}, {win['verdict']}"),
+            "win rate basis": evaluation["win_rate_basis"]}
+
+
+def score_lines(evaluation: dict) -> dict[str, str]:
+    """The RM-score and reference-agreement lines (greedy answers, policy / SFT) of the same summary."""
+    return {"RM score policy / sft": f"{evaluation['reward_policy']:.3f} / {evaluation['reward_sft']:.3f}",
+            "reference score policy / sft": f"{evaluation['reference_score_policy']:.3f} / "
+                                            f"{evaluation['reference_score_sft']:.3f}"}
 
 
 def rm_scores(reward_model, tokenizer, prompts: list[str], answers: list[str], max_length: int = 512) -> torch.Tensor:

@@ -11,7 +11,7 @@ from refinery.atomic import atomic_dir
 from refinery.config import load_params
 from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
 from refinery.modeling.manifest import build_manifest, hash_path, tokenizer_fingerprint, write_manifest
-from refinery.modeling.methods import get_method
+from refinery.modeling.methods import check_stage_method
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import checkpoint_dir
 from refinery.train.trainer import TrainSummary
@@ -53,7 +53,7 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
     the model in 4-bit when the method is qlora."""
     base = load_params("base", params_dir)
     cfg = load_params(stage, params_dir, overrides)
-    method = get_method(cfg, f"{params_dir}/{stage}.yaml")
+    method = check_stage_method(cfg, stage, f"{params_dir}/{stage}.yaml")  # for this machine and this stage
     if method.virtual_tokens and cfg.training.eval_steps > 0:
         # HF Trainer's evaluation and best-checkpoint reload do not handle virtual tokens (labels one prompt
         # shorter than the logits; peft refuses load_best_model_at_end for prompt learning): such a run trains
