@@ -22,18 +22,19 @@ from prefect import flow
 
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
+from refinery.evaluation.alignment import head_to_head, significance_sentence
 from refinery.evaluation.forgetting import TOLERANCE as FORGETTING_TOLERANCE
 from refinery.ops import metrics_contract as mc
 from refinery.ops import report_figures
 from refinery.ops.prefect_artifacts import publish_summary
-from refinery.ops.registry import register_policy
+from refinery.ops.registry import choose_across, register_policy
 from refinery.ops.stage_cli import run_name, stage_main
 from refinery.ops.tracking import StageRecord
 
-STAGES = ("base_model", "prepare", "dapt", "sft", "reward", "ppo")
+STAGES = ("base_model", "prepare", "dapt", "sft", "reward")  # then the alignment stages params/pipeline.yaml selects
 # plots/<stage>/*.png drawn by the stages themselves (StageRecord.write_plot), copied beside the report
 COPIED = {"dapt": ("dapt/train.png",), "sft": ("sft/train.png",), "reward": ("reward/train.png",),
-          "ppo": ("ppo/train.png",)}
+          "ppo": ("ppo/train.png",), "dpo": ("dpo/train.png",), "grpo": ("grpo/train.png",)}
 HEADER = "| quantity | n | before | after | change [95% CI] | verdict |\n|---|---|---|---|---|---|"
 NOT_RECORDED = "not recorded"
 # the method comparison (flows/compare_methods.py) is a command, not a stage: the report reads DVC-tracked files only
@@ -127,16 +128,75 @@ def _registry(reg: dict | None) -> list[str]:
     out.append(f"`{reg.get('model_name')}` version {reg.get('version')} -> alias **{reg.get('alias')}** "
                f"({f'previous champion: version {prev}' if prev else 'no previous champion'}).")
     out += ["", f"Why: {reg.get('why')}."]
+    if len(reg.get("candidates") or {}) > 1:
+        out += ["", f"Registered the **{reg.get('stage')}** policy, chosen across the alignment stages by the same "
+                    "gate: " + "; ".join(f"{k}: {v}" for k, v in reg["candidates"].items()) + "."]
     rule = reg.get("rule")
     if rule:
         out += ["", f"Rule: {rule}."]
     return [*out, ""]
 
 
+ALIGNMENT_HEADER = ("| stage | method | n | win rate vs SFT [95% CI] | verdict | greedy win rate | RM score change "
+                    "[95% CI] | reference agreement change [95% CI] | KL to SFT | general-domain perplexity change | "
+                    "train s | eval s | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _ci(block: dict | None, null: float = 0.0) -> str:
+    if block is None:
+        return NOT_RECORDED
+    est, lo, hi = (float(block[k]) for k in ("estimate", "ci_low", "ci_high"))
+    fmt = _signed if null == 0.0 else (lambda v: f"{v:.3f}")
+    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _alignment_section(s: _Section, m: dict, stages: list[str], imgs: set[str]) -> None:
+    """One row per alignment stage, each against its SFT policy on the same held-out prompts, then the stages
+    head to head (refinery/evaluation/alignment.py) and the sentence on which differences are significant."""
+    s.add("## Alignment methods", "", "Each alignment stage against the SFT policy on the same held-out prompts, "
+          "judged by the reward model (win rate on sampled answers; RM score, reference agreement and KL on greedy "
+          "answers; perplexity change on the general-domain set). Time: training and evaluation seconds.", "",
+          ALIGNMENT_HEADER)
+    evals = {}
+    for st in stages:
+        d = m[st]
+        e, t = d.get(mc.PPO_EVAL, {}), d.get("train", {})
+        evals[st] = e
+        win = _block(e, "win_rate")
+        g = d.get("general_retention") if isinstance(d.get("general_retention"), dict) else None
+        retention = (f"{100 * g['perplexity_change']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]"
+                     if g else "-")
+        s.add(f"| {st} | {t.get('method', '-')} | {e.get('n', '-')} | {_ci(win, 0.5)} | "
+              f"{win['verdict'] if win else '-'} | {_ci(_block(e, 'win_rate_greedy'), 0.5)} | "
+              f"{_ci(_block(e, 'reward_change'))} | {_ci(_block(e, 'reference_score_change'))} | "
+              f"{_fmt(e.get(mc.KL, '-'))} | {retention} | {_fmt(t.get('seconds', '-'))} | {_fmt(e.get('seconds', '-'))} "
+              f"| {_fmt(t.get('peak_memory_mb', '-'))} |")
+        if win is not None and st != "ppo":  # ppo's is in its own section's verdicts already
+            s.verdicts.append((f"{st.upper()} win rate", win["verdict"]))
+    s.add("")
+    if len(stages) > 1:
+        rows = head_to_head(evals)
+        s.add("Head to head: the reward model's preference for the first stage's sampled answers over the second's, "
+              "per prompt the share of the k x k answer pairs won (0.5 = no preference).", "",
+              "| stages | n | win rate of the first [95% CI] | verdict |", "|---|---|---|---|")
+        for r in rows:
+            if "skipped" in r:
+                s.add(f"| {r['a']} vs {r['b']} | - | not compared: {_cell(r['skipped'])} | - |")
+            else:
+                s.add(f"| {r['a']} vs {r['b']} | {r['n']} | {_ci(r, 0.5)} | {r['verdict']} |")
+                s.verdicts.append((f"Head-to-head {r['a']} vs {r['b']}", r["verdict"]))
+        s.add("", significance_sentence(rows), "")
+    for st in stages:
+        if st != "ppo":  # ppo has its own section above
+            s.add(f"**{st}:** " + _train_line(m[st].get("train", {})), "")
+            _figure(s, imgs, f"{st}_train.png", f"{st} training curves")
+
+
 def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None = None,
-                 registry: dict | None = None) -> tuple[str, list[str]]:
+                 registry: dict | None = None, alignment: list[str] | tuple[str, ...] = ("ppo",)) -> tuple[str, list[str]]:
     """Markdown text and the stage plots (paths under plots/) it shows. `images`: the figure files that lie
-    beside report.md (the report links only those); `registry`: register_policy's result, or {"skipped": why}."""
+    beside report.md (the report links only those); `registry`: register_policy's result, or {"skipped": why};
+    `alignment`: the alignment stages the pipeline selects (params/pipeline.yaml)."""
     imgs = set(images or ())
     s = _Section()
     plots: list[str] = []
@@ -243,7 +303,11 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
         _figure(s, imgs, "ppo_reward_kl.png", "PPO reward and KL per step, with the target KL")
         _figure(s, imgs, "ppo_train.png", "PPO training diagnostics")
         plots += COPIED["ppo"]
-    retention = {st: d["general_retention"] for st in ("dapt", "sft", "ppo")
+    aligned = [st for st in alignment if isinstance(m.get(st), dict)]
+    if aligned:
+        _alignment_section(s, m, aligned, imgs)
+        plots += [p for st in aligned if st != "ppo" for p in COPIED[st]]
+    retention = {st: d["general_retention"] for st in ("dapt", "sft", *alignment)
                  if isinstance(d := m.get(st), dict) and isinstance(d.get("general_retention"), dict)}
     if retention:
         s.add("## General-domain retention (forgetting)", "",
@@ -272,7 +336,7 @@ def build_report(m: dict[str, dict | None], images: list[str] | set[str] | None 
     head = ["# llm-refinery pipeline report", "", f"**Verdicts (95% CI):** {summary}."]
     if registry and registry.get("alias"):
         head[-1] += f" Registry: **{registry['alias']}**."
-    missing = [st for st in ("dapt", "sft", "reward", "ppo") if not m.get(st)]
+    missing = [st for st in ("dapt", "sft", "reward", *alignment) if not m.get(st)]
     if missing:
         head += ["", "Not run (no evaluation found): " + ", ".join(missing) + "."]
     head += ["", METHOD_COMPARISON]
@@ -320,16 +384,16 @@ def _without_images(markdown_text: str) -> str:
 
 
 def write_report(metrics: dict[str, dict | None], out_dir: str | Path, plots_dir: str | Path = "plots",
-                 registry: dict | None = None) -> str:
+                 registry: dict | None = None, alignment: list[str] | tuple[str, ...] = ("ppo",)) -> str:
     """report.md, report.html and their figures into `out_dir` (replaced atomically); returns the markdown."""
-    _, wanted = build_report(metrics)
+    _, wanted = build_report(metrics, alignment=alignment)
     with atomic_dir(out_dir) as tmp:
         for p in wanted:
             if (Path(plots_dir) / p).is_file():
                 shutil.copy2(Path(plots_dir) / p, tmp / p.replace("/", "_"))
         report_figures.draw_all(metrics, plots_dir, tmp)
         images = sorted(f.name for f in tmp.glob("*.png"))
-        markdown_text, _ = build_report(metrics, images, registry)
+        markdown_text, _ = build_report(metrics, images, registry, alignment)
         (tmp / "report.md").write_text(markdown_text)
         (tmp / "report.html").write_text(to_html(markdown_text, images))
     return markdown_text
@@ -337,29 +401,33 @@ def write_report(metrics: dict[str, dict | None], out_dir: str | Path, plots_dir
 
 @flow(name="report", flow_run_name="report")
 def report_flow(params_dir: str = "params", record_root: str = ".", plots_dir: str = "plots",
-                out_dir: str = "reports/pipeline", policy_dir: str = "models/ppo"):
-    """`record_root`: the folder holding the stages' reports/<stage>/evaluation.json (and metrics/)."""
+                out_dir: str = "reports/pipeline", models_dir: str = "models"):
+    """`record_root`: the folder holding the stages' reports/<stage>/evaluation.json (and metrics/); the policies
+    are `models_dir`/<alignment stage>."""
     base = load_params("base", params_dir)
     cfg = load_params("report", params_dir)
-    metrics = {s: mc.read_evaluation(s, record_root) for s in STAGES}
+    alignment = load_params("pipeline", params_dir).alignment
+    metrics = {s: mc.read_evaluation(s, record_root) for s in (*STAGES, *alignment)}
+    evals = {s: metrics[s][mc.PPO_EVAL] for s in alignment if metrics.get(s)}
     with StageRecord("report", experiment=base.tracking.experiment, params={"report": cfg.model_dump()},
                      run_name=run_name("report"), on_unreachable=base.tracking.on_server_unreachable) as rec:
         if not cfg.registry.enabled:
             registered = {"skipped": "the registry is disabled (params/report.yaml registry.enabled)"}
-        elif not metrics.get("ppo"):
-            registered = {"skipped": "no PPO evaluation to judge the policy by"}
-        elif not Path(policy_dir).is_dir():
+        elif not evals:
+            registered = {"skipped": f"no evaluation of an alignment stage ({', '.join(alignment)}) to judge by"}
+        elif not (policy_dir := Path(models_dir) / (chosen := choose_across(evals, cfg.registry))[0]).is_dir():
             registered = {"skipped": f"no policy at {policy_dir}"}
         else:
-            registered = register_policy(policy_dir, metrics["ppo"][mc.PPO_EVAL], cfg.registry)
+            registered = register_policy(policy_dir, evals[chosen[0]], cfg.registry, stage=chosen[0])
+            registered["candidates"] = chosen[1]
             registered["rule"] = (f"champion only when the win rate's 95% CI lower bound lies above "
                                   f"{cfg.registry.min_win_rate} and the policy is not significantly worse than the "
                                   f"current champion (reference agreement by more than "
                                   f"{cfg.registry.max_reference_drop})"
                                   + ("; and its agreement with the reference answers not significantly below its SFT "
                                      "policy's" if cfg.registry.reference_must_hold else ""))
-            rec.set_tags({f"registry.{k}": str(v) for k, v in registered.items() if k != "rule"})
-        markdown_text = write_report(metrics, out_dir, plots_dir, registered)
+            rec.set_tags({f"registry.{k}": str(v) for k, v in registered.items() if k not in ("rule", "candidates")})
+        markdown_text = write_report(metrics, out_dir, plots_dir, registered, alignment)
         rec.log_artifact(Path(out_dir) / "report.md", "report")
         rec.log_artifact(Path(out_dir) / "report.html", "report")
         for png in sorted(Path(out_dir).glob("*.png")):  # beside report.html in MLflow too, so its links work

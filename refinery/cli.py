@@ -8,7 +8,8 @@
     refinery dvc-deps [--check]                                            = python -m refinery.ops.dvc_deps ...
 
 Each subcommand imports only what it runs (a Prefect flow module costs seconds to import). The stage names are
-dvc.yaml's, and `dpo` (not yet in dvc.yaml). `compare` (the method comparison) is an experiment command like
+dvc.yaml's, and every alignment stage (ppo, dpo, grpo: params/pipeline.yaml selects which are in dvc.yaml; any
+of them runs as a command). `compare` (the method comparison) is an experiment command like
 `sweep`, not a stage: its outputs go to experiments/compare/<name>/.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 STAGE_MODULES = {"base_model": "flows.base_model", "prepare": "flows.prepare", "dapt": "flows.dapt",
                  "sft": "flows.sft", "reward": "flows.reward", "ppo": "flows.ppo", "report": "flows.report",
-                 "dpo": "flows.dpo"}  # dpo: a command, not yet a dvc.yaml stage (README, "dpo")
+                 "dpo": "flows.dpo", "grpo": "flows.grpo"}
 COMMANDS = {"pipeline": "flows.pipeline", "sweep": "flows.sweep", "compare": "flows.compare_methods",
             "generate": "refinery.ops.generate", "dvc-deps": "refinery.ops.dvc_deps"}
 

@@ -381,6 +381,66 @@ class PPOParams(MethodParams, PolicyEvalArgs):
         return self
 
 
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")  # TRL 1.16's GRPOConfig.loss_type values this stage accepts
+
+
+class GRPOParams(MethodParams):
+    """GRPO (Shao et al. 2024, DeepSeekMath) from the SFT policy on the prompts, on TRL's GRPOTrainer: a group of
+    `num_generations` sampled answers per prompt, each scored by models/reward as ppo scores its rollouts, the
+    advantage an answer's score against its group's (no value model); `beta` weighs the KL to the SFT policy
+    (for LoRA: the adapter off). `training.batch_size` counts prompts per step (TRL's per-device batch of
+    completions is batch_size x num_generations)."""
+
+    num_generations: int = Field(4, ge=2)     # group size: answers sampled per prompt
+    max_new_tokens: int = Field(20, gt=0)     # completion length (TRL's max_completion_length)
+    max_prompt_tokens: int = Field(128, gt=0)  # longer training prompts are left out (as ppo does)
+    temperature: float = Field(0.7, gt=0)     # sampling of the group (ppo's rollout temperature)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.04, ge=0)           # KL to the reference (0: TRL then loads no reference at all)
+    epsilon: float = Field(0.2, gt=0)         # PPO-style ratio clip
+    loss_type: Literal[GRPO_LOSSES] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by the group's / batch's std
+    num_iterations: int = Field(1, gt=0)      # policy updates per generated batch (TRL's mu)
+    missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of an answer without EOS
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    eval: PolicyEvalArgs = Field(default_factory=PolicyEvalArgs)
+
+    @model_validator(mode="after")
+    def _reference_is_the_adapter_off(self):
+        if self.method in ("lora", "qlora") and getattr(self.method_args, "init", "default") in ("pissa", "olora"):
+            raise ValueError(f"{self.method}.init: {self.method_args.init} changes the frozen weights, and GRPO's "
+                             "reference is the policy with its adapter off (use default or gaussian)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_validation_loss(self):
+        # GRPO has no validation loss (TRL's eval would sample and score held-out prompts, an evaluation of its own):
+        # the policy is judged after training (policy_eval), and the last step is the output
+        if self.training.eval_steps or self.training.early_stopping_patience:
+            raise ValueError("training.eval_steps / early_stopping_patience: GRPO has no validation loss to monitor "
+                             "(the policy is judged on held-out prompts after training); set both to 0")
+        return self
+
+
+ALIGNMENT_STAGES = ("ppo", "dpo", "grpo")  # the alignment stages params/pipeline.yaml may select
+
+
+class PipelineParams(Strict):
+    """Which alignment stages the pipeline runs after sft and reward (refinery/ops/dvc_deps.py writes their dvc.yaml
+    blocks and the report's deps from this list, so `dvc repro` runs the same set). Each is judged against the SFT
+    policy on the same held-out prompts; the report compares them and the registry's champion is chosen across
+    them."""
+
+    alignment: list[Literal[ALIGNMENT_STAGES]] = Field(default_factory=lambda: ["ppo"], min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.alignment)) != len(self.alignment):
+            raise ValueError(f"alignment: {self.alignment} names a stage twice")
+        return self
+
+
 class CompareParams(Strict):
     """The method comparison (flows/compare_methods.py, `make compare`): the same SFT, once per method and seed."""
 
@@ -432,6 +492,8 @@ STAGE_MODELS: dict[str, type[Strict]] = {
     "sft": SftParams,
     "compare": CompareParams,
     "dpo": DPOParams,
+    "grpo": GRPOParams,
+    "pipeline": PipelineParams,
     "reward": RewardParams,
     "ppo": PPOParams,
     "report": ReportParams,

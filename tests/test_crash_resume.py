@@ -26,7 +26,10 @@ STAGES = {  # stage -> (extra --set args, checkpoint marker glob, final metric p
     "reward": (["training.max_steps=12", "training.save_steps=2"], "checkpoint-*/trainer_state.json",
                ("eval", "margin")),
     "ppo": (["steps=8", "save_steps=2"], "step-*/state.json", ("train", "reward_last")),
+    "dpo": (["training.max_steps=12", "training.save_steps=2"], "checkpoint-*/trainer_state.json",
+            ("train", "final_loss")),
 }
+NEEDS_REWARD = ("ppo", "dpo", "grpo")  # trained against models/reward, or judged by it
 
 
 @pytest.fixture
@@ -71,7 +74,7 @@ def test_sigkill_then_resume(stage, stage_project):
     total = 8 if stage == "ppo" else 12
     wait_step, delay = kill_point(stage, total, 2)
     where = f"kill point (seed {KILL_SEED}): {delay} s after checkpoint {wait_step} of {total} steps"
-    if stage == "ppo":
+    if stage in NEEDS_REWARD:
         run("reward", ["training.max_steps=2"], root, env)
     reference = run(stage, sets, root, env)
     shutil.rmtree(root / "checkpoints")

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from refinery.config import ALIGNMENT_STAGES
 from refinery.errors import UserError
 from refinery.ops import dvc_deps
+from refinery.ops.dvc_alignment import stage_block
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +25,7 @@ NOT_OUTPUT_AFFECTING = {
     "refinery/ops/distributed.py": "process launch (torchrun/accelerate); results equal the 1-process run "
                                    "(tests/test_distributed.py)",
     "refinery/ops/dvc_deps.py": "checks dvc.yaml before a stage runs",
+    "refinery/ops/dvc_alignment.py": "writes dvc.yaml's alignment blocks (read by dvc_deps); no stage output",
     "refinery/ops/health.py": "probes whether MLflow/Prefect servers answer",
     "refinery/ops/prefect_artifacts.py": "Prefect UI artifacts (summaries, tables)",
     "refinery/ops/prefect_link.py": "links between the Prefect UI and MLflow",
@@ -71,7 +74,9 @@ def _covered(path: str, deps: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
 
 
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+# the stages in dvc.yaml, and every alignment stage params/pipeline.yaml could select (as sync would write it)
+STAGES = {**yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"],
+          **{s: stage_block(s) for s in ALIGNMENT_STAGES if (REPO / "flows" / f"{s}.py").is_file()}}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -146,3 +151,22 @@ def test_prepare_refuses_a_path_dvc_does_not_track_in_one_line_and_writes_nothin
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data/mine.jsonl" in errors[0] and "refinery.ops.dvc_deps" in errors[0]
     assert not (project / "data" / "prepared").exists()
+
+
+def test_the_alignment_stages_follow_params_pipeline_yaml(scratch):
+    """Selecting dpo and grpo instead of ppo writes their blocks (before report) and the report's deps; going back
+    restores dvc.yaml byte for byte; `--check` names the drift in between."""
+    original = (scratch / "dvc.yaml").read_text()
+    p = scratch / "params" / "pipeline.yaml"
+    p.write_text(p.read_text().replace("alignment: [ppo]", "alignment: [dpo, grpo]"))
+    assert any("dpo: added" in c for c in dvc_deps.alignment_drift("."))
+    dvc_deps.sync(".")
+    stages = yaml.safe_load((scratch / "dvc.yaml").read_text())["stages"]
+    assert list(stages)[-3:] == ["dpo", "grpo", "report"] and "ppo" not in stages
+    assert stages["grpo"] == stage_block("grpo")
+    assert {"models/dpo", "models/grpo", "reports/grpo/evaluation.json"} <= set(stages["report"]["deps"])
+    assert "models/ppo" not in stages["report"]["deps"]
+    assert dvc_deps.alignment_drift(".") == []
+    p.write_text(p.read_text().replace("alignment: [dpo, grpo]", "alignment: [ppo]"))
+    dvc_deps.sync(".")
+    assert (scratch / "dvc.yaml").read_text() == original

@@ -215,14 +215,14 @@ def test_report_flow_writes_and_logs_the_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "params").mkdir()
-    for name in ("base.yaml", "report.yaml"):
+    for name in ("base.yaml", "report.yaml", "pipeline.yaml"):
         shutil.copy(REPO / "params" / name, tmp_path / "params" / name)
     for stage in ("dapt", "sft", "reward", "ppo"):
         path = mc.evaluation_path(stage, tmp_path)
         path.parent.mkdir(parents=True)
         path.write_text(__import__("json").dumps(m[stage]))
     write_plots(tmp_path, rows)
-    text = report_flow.fn(policy_dir=str(tmp_path / "models" / "ppo"))
+    text = report_flow.fn(models_dir=str(tmp_path / "models"))
     assert "## PPO" in text and "## Method comparison" not in text and "`make compare`" in text
     assert "Not registered: no policy at" in text
     run = mlflow.search_runs(experiment_names=[yaml.safe_load((tmp_path / "params" / "base.yaml").read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALL_STAGES = ("dapt", "sft", "compare", "reward", "ppo", "dpo")
+ALL_STAGES = ("dapt", "sft", "compare", "reward", "ppo", "dpo", "grpo")
 # Scalar-head (reward, value) and RL stages take merged-weight methods only: virtual-token methods shift
 # token positions (values and KL must line up with response tokens) and bottleneck adapters would leave the
 # head unsaved in a non-mergeable folder.

@@ -1,5 +1,6 @@
-"""The dvc.yaml deps that come from params files: what `prepare` reads (params/prepare.yaml `datasets`) and a
-local base-model folder (params/base_model.yaml `path`).
+"""The parts of dvc.yaml that come from params files: what `prepare` reads (params/prepare.yaml `datasets`), a
+local base-model folder (params/base_model.yaml `path`), and which alignment stages exist (params/pipeline.yaml
+`alignment`: refinery/ops/dvc_alignment.py writes their blocks and the report's deps).
 
 DVC's own templating (`${...}` from a vars file) cannot list a dict of user-named SFT tasks whose entries are
 a path or a {path, format, ...} block, so these deps are written into dvc.yaml by `sync` instead:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -89,8 +91,17 @@ def check_stage(stage: str, root: str | Path = ".", params_dir: str = "params") 
                         f"not rebuild when it changes: run `python -m refinery.ops.dvc_deps` to add it")
 
 
+def alignment_drift(root: str | Path = ".", params_dir: str = "params") -> list[str]:
+    """What `sync` would change in dvc.yaml's alignment stages and report deps (nothing is written)."""
+    from refinery.config import load_params
+    from refinery.ops.dvc_alignment import sync_stages
+
+    doc = _yaml().load((Path(root) / "dvc.yaml").read_text())
+    return sync_stages(doc["stages"], load_params("pipeline", Path(root) / params_dir).alignment)
+
+
 def sync(root: str | Path = ".", params_dir: str = "params") -> list[str]:
-    """Rewrite the params-derived deps of dvc.yaml (code deps and comments kept); returns what changed."""
+    """Rewrite the params-derived parts of dvc.yaml (code deps and comments kept); returns what changed."""
     root = Path(root)
     y = _yaml()
     doc = y.load((root / "dvc.yaml").read_text())
@@ -105,10 +116,14 @@ def sync(root: str | Path = ".", params_dir: str = "params") -> list[str]:
             changes.append(f"{stage}: deps {sorted(set(map(str, deps)) ^ set(new))}")
             deps.clear()
             deps.extend(new)
+    from refinery.config import load_params
+    from refinery.ops.dvc_alignment import sync_stages
+
+    changes += sync_stages(doc["stages"], load_params("pipeline", root / params_dir).alignment)
     if changes:
         buf = io.StringIO()
         y.dump(doc, buf)
-        (root / "dvc.yaml").write_text(buf.getvalue())
+        (root / "dvc.yaml").write_text(re.sub(r"\n{3,}", "\n\n", buf.getvalue()))  # one blank line between blocks
     return changes
 
 
@@ -119,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.check:
-            gaps = missing(".", args.params_dir)
+            gaps = [f"{s}: {p}" for s, p in missing(".", args.params_dir)] + alignment_drift(".", args.params_dir)
             if gaps:
-                print(f"error: dvc.yaml misses {', '.join(f'{s}: {p}' for s, p in gaps)}: run "
-                      f"`python -m refinery.ops.dvc_deps`", file=sys.stderr)
+                print(f"error: dvc.yaml misses {', '.join(gaps)}: run `python -m refinery.ops.dvc_deps`",
+                      file=sys.stderr)
                 return 2
-            print("dvc.yaml lists every path the params make prepare and base_model read")
+            print("dvc.yaml lists every path the params make prepare and base_model read, and the alignment "
+                  "stages params/pipeline.yaml selects")
             return 0
         changes = sync(".", args.params_dir)
     except UserError as exc:

@@ -136,6 +136,14 @@ CONTRACTS: dict[str, StageMetrics] = {
                   "train.trainable_percent", "train.final_loss", "train.resumed_from_step", "train.beta",
                   "train.reward_accuracy_last", "early_stopping.best_step", *_POLICY_EVAL_HEADLINE,
                   *_RETENTION_HEADLINE)),
+    "grpo": StageMetrics(
+        about="GRPO on the prompts, rewarded by the reward model; the policy against SFT on held-out prompts",
+        required={**_TRAIN_REQUIRED, "train.episodes_per_second": float, "train.reward_first": float,
+                  "train.reward_last": float, **_POLICY_EVAL_REQUIRED},
+        headline=("train.method", "train.steps", "train.episodes_per_second", "train.peak_memory_mb",
+                  "train.trainable_percent", "train.reward_first", "train.reward_last", "train.kl_last",
+                  "train.resumed_from_step", "train.num_generations", *_ci_headline("train.reward_slope"),
+                  *_POLICY_EVAL_HEADLINE, *_RETENTION_HEADLINE)),
 }
 
 

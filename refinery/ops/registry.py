@@ -1,6 +1,7 @@
 """Register the final policy in the MLflow model registry and move the `champion` alias only when its
 evaluation shows a significant win and is not significantly worse than the current champion's (aliases,
-not the deprecated registry stages). The decision and its numbers are tags on the model version.
+not the deprecated registry stages). The decision and its numbers are tags on the model version. With more
+than one alignment stage in the pipeline, `choose_across` picks which policy is registered, by the same gate.
 
     mlflow.pyfunc.load_model("models:/llm-refinery-policy@champion").predict(["a prompt"])  # -> answers
 """
@@ -54,7 +55,23 @@ def decide(candidate: dict, champion: dict | None, args: RegistryArgs) -> tuple[
                         f"reference agreement {ref:.3f} vs {c_ref:.3f}")
 
 
-def register_policy(model_dir: str | Path, ppo_eval: dict, args: RegistryArgs) -> dict:
+def choose_across(evals: dict[str, dict], args: RegistryArgs) -> tuple[str, dict[str, str]]:
+    """Which alignment stage's policy goes to the registry: of those that pass the gate on their own (the
+    win-rate CI above `min_win_rate`, reference agreement held), the highest win rate over SFT; when none passes,
+    the highest win rate (registered, and left `challenger` by `decide`). Returns (stage, why for every stage)."""
+    if not evals:
+        raise ValueError("choose_across: no alignment stage evaluated")
+    gate = {stage: decide(e, None, args) for stage, e in evals.items()}
+    passing = [s for s, (alias, _) in gate.items() if alias == "champion"]
+    best = max(passing or list(evals), key=lambda s: float(evals[s][WIN_RATE_VS_SFT]))
+    why = {s: ("chosen: " if s == best else "not chosen: ")
+              + (gate[s][1] if s not in passing else f"passes the gate; win rate {float(evals[s][WIN_RATE_VS_SFT]):.3f}"
+                 + ("" if s == best else f" below {best}'s {float(evals[best][WIN_RATE_VS_SFT]):.3f}"))
+           for s in evals}
+    return best, why
+
+
+def register_policy(model_dir: str | Path, ppo_eval: dict, args: RegistryArgs, stage: str = "ppo") -> dict:
     """Log the policy (transformers flavour) in the active MLflow run, register it, set the alias."""
     import mlflow
     from mlflow import MlflowClient
@@ -77,6 +94,7 @@ def register_policy(model_dir: str | Path, ppo_eval: dict, args: RegistryArgs) -
     for key, value in (("win_rate_ci_low", w_low), ("win_rate_ci_high", w_high), ("eval_prompts", n)):
         client.set_model_version_tag(args.model_name, version, key, str(value))
     client.set_model_version_tag(args.model_name, version, "alias_decision", why)
+    client.set_model_version_tag(args.model_name, version, "stage", stage)
     client.set_registered_model_alias(args.model_name, alias, version)
-    return {"model_name": args.model_name, "version": version, "alias": alias, "why": why,
+    return {"model_name": args.model_name, "version": version, "alias": alias, "why": why, "stage": stage,
             "previous_champion": current.version if current else None}

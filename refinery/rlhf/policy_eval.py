@@ -12,6 +12,8 @@ Two win rates, both RM-judged with a bootstrap CI over prompts:
 - greedy: one greedy answer each (also what the RM-score, reference-agreement and KL rows use)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from refinery.data.formats import prompt_text
@@ -79,6 +81,14 @@ def score_lines(evaluation: dict) -> dict[str, str]:
                                             f"{evaluation['reference_score_sft']:.3f}"}
 
 
+def prompts_digest(prompts: list) -> str:
+    """Which held-out prompts an evaluation used, in order: two policies' per-prompt scores pair only when equal."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def rm_scores(reward_model, tokenizer, prompts: list[str], answers: list[str], max_length: int = 512) -> torch.Tensor:
     seqs = [render(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
     return torch.tensor(score(reward_model, seqs, tokenizer.pad_token_id))
@@ -100,6 +110,7 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
     (weights held once), or a separate frozen copy with a null context. Win rate, RM-score change and
     reference-agreement change come with n, a 95% bootstrap CI over prompts and a verdict."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    t0 = time.perf_counter()
 
     def greedy(model):
         return sample(model, prompt_ids, pad, eos, cfg.eval_max_new_tokens, 1.0, 0, 1.0, greedy=True)
@@ -123,7 +134,8 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
                              [a for row in answers for a in row])
             return flat.view(len(prompts), k)
 
-        wins = win_rate(sampled_scores(sampled_pol).tolist(), sampled_scores(sampled_sft).tolist(), seed=seed)
+        by_prompt = {"policy": sampled_scores(sampled_pol).tolist(), "sft": sampled_scores(sampled_sft).tolist()}
+        wins = win_rate(by_prompt["policy"], by_prompt["sft"], seed=seed)
         basis = (f"sampled: {k} answers per prompt from each policy at temperature {cfg.temperature}, "
                  f"a prompt's win = share of its {k}x{k} answer pairs won")
     policy_logits = response_logits(policy, r_pol)
@@ -141,7 +153,11 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
               "kl": float(kl_per_prompt.mean()), "n": len(records),
               "win_rate": wins.as_dict(), "win_rate_basis": basis, "win_rate_greedy": greedy_wins.as_dict(),
               "reward_change": paired_difference(s_sft.tolist(), s_pol.tolist(), seed=seed).as_dict(),
-              "reference_score_change": paired_difference(ref_sft, ref_pol, seed=seed).as_dict()}
+              "reference_score_change": paired_difference(ref_sft, ref_pol, seed=seed).as_dict(),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if k > 0:  # what the report needs to judge two alignment stages against each other on the same prompts
+        result["sampled_scores"] = {**{key: [[round(x, 6) for x in row] for row in v] for key, v in by_prompt.items()},
+                                    "prompts_sha256": prompts_digest(prompts)}
     tasks = sorted({r.get("task") for r in records if r.get("task")})
     if len(tasks) > 1:  # a gain on one task can hide a loss on another (reward hacking on the harder one)
         result["reference_score_change_by_task"] = {

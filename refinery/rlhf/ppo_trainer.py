@@ -316,5 +316,6 @@ def ppo_train_block(trainer: PPOTrainer, init_from: str, trainable: int, total: 
             # controller is judged on
             "kl_last_quarter_mean": sum(x["kl"] for x in h[-max(1, len(h) // 4):]) / max(1, len(h) // 4),
             "episodes_per_second": mean("episodes_per_second"), "tokens_per_second": mean("tokens_per_second"),
+            "seconds": round(sum(x["seconds"] for x in ran), 2),  # this process's training steps
             "peak_memory_mb": round(peak_memory_mb, 1), "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / total, 4), "resumed_from_step": trainer.resumed_from}
