@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from prefect import flow
 
 from refinery.data.chat import as_messages, prompt_ids
@@ -28,7 +27,7 @@ from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
 from refinery.modeling.loading import model_kind
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
-from refinery.modeling.methods import REGISTRY, apply_method, count_parameters, peft_config
+from refinery.modeling.methods import REGISTRY, count_parameters
 from refinery.modeling.precision import compute_precision
 from refinery.ops.distributed import world_size
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
@@ -41,6 +40,7 @@ from refinery.rlhf.policy_eval import (
     score_lines,
     win_rate_lines,
 )
+from refinery.rlhf.trl_policy import model_for_trl
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
@@ -86,20 +86,6 @@ def dpo_arguments(cfg) -> dict:
     """DPOConfig's own fields (the TrainingArguments ones come from params' `training` block)."""
     return {"beta": cfg.beta, "loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing,
             "max_length": cfg.max_length, "disable_dropout": True}
-
-
-def model_for_trl(model, cfg, seed: int):
-    """(model, peft config) for DPOTrainer. A peft method is handed to TRL as a config for TRL to apply: given a
-    model already wrapped in an adapter, TRL would copy that adapter as a second, frozen "ref" adapter (its way
-    of re-training an existing adapter) instead of using the adapter-off model, which is the SFT policy."""
-    torch.manual_seed(seed)  # the new adapter weights start from the seed, not from what the RNG saw before
-    if cfg.method == "full":
-        return apply_method(model, cfg, "CAUSAL_LM", seed=seed), None
-    if cfg.method == "qlora":
-        import peft
-
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, peft_config(cfg, "CAUSAL_LM")
 
 
 @uncached_task

@@ -28,6 +28,8 @@ STAGES = {  # stage -> (extra --set args, checkpoint marker glob, final metric p
     "ppo": (["steps=8", "save_steps=2"], "step-*/state.json", ("train", "reward_last")),
     "dpo": (["training.max_steps=12", "training.save_steps=2"], "checkpoint-*/trainer_state.json",
             ("train", "final_loss")),
+    "grpo": (["training.max_steps=12", "training.save_steps=2"], "checkpoint-*/trainer_state.json",
+             ("train", "reward_last")),
 }
 NEEDS_REWARD = ("ppo", "dpo", "grpo")  # trained against models/reward, or judged by it
 
