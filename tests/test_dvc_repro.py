@@ -146,6 +146,28 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     screenshot_flow_run(f"{url.removesuffix('/api')}/runs/flow-run/{run_id}", run.name)
 
 
+def test_pipeline_with_every_alignment_stage(repo):
+    """`--set pipeline.alignment=[ppo,dpo,grpo]`: dvc.yaml gains dpo and grpo, the pipeline runs them (ppo is
+    up to date) and the report, `dvc status` is clean, and the report compares the three stages head to head;
+    the registry records which stage's policy it chose. dvc.yaml and params go back to ppo alone afterwards."""
+    root, env = repo
+    out = sh(f"{sys.executable} -m flows.pipeline --set 'pipeline.alignment=[ppo, dpo, grpo]'", root, env)
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert list(stages)[-4:] == ["ppo", "dpo", "grpo", "report"], list(stages)
+    assert "dpo ran" in out and "grpo ran" in out and "report ran" in out, out[-2000:]
+    assert "up to date" in sh("dvc status", root, env)
+    for stage in ("dpo", "grpo"):
+        mc.validate(stage, json.loads(mc.evaluation_path(stage, root).read_text()))
+        assert (root / "plots" / stage / "train.csv").is_file()
+    report = (root / "reports" / "pipeline" / "report.md").read_text()
+    table = report.split("## Alignment methods", 1)[1].split("\n## ", 1)[0]
+    assert all(f"| {s} |" in table for s in ("ppo", "dpo", "grpo")), table
+    assert all(f"| {a} vs {b} |" in table for a, b in (("ppo", "dpo"), ("ppo", "grpo"), ("dpo", "grpo"))), table
+    assert "Head to head (95% CI over prompts)" in table
+    assert "Registered the **" in report and "chosen across the alignment stages" in report
+    sh("git checkout -- params/pipeline.yaml dvc.yaml", root, env)
+
+
 def deployments(url: str) -> dict[str, str]:
     """{deployment name: work pool}"""
     from prefect.client.orchestration import get_client
