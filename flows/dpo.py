@@ -15,7 +15,6 @@ reward model is read for the evaluation only.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from refinery.rlhf.policy_eval import (
     score_lines,
     win_rate_lines,
 )
-from refinery.rlhf.trl_policy import model_for_trl
+from refinery.rlhf.trl_policy import model_for_trl, sft_policy
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
@@ -122,10 +121,8 @@ def dpo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         summary, trainer = train_dpo(job, rec, Progress("dpo"))
         policy = trainer.model
         trainable, total = count_parameters(policy)
-        if trainer.ref_model is None:  # a peft policy: the SFT policy is the same weights with the adapter off
-            sft_model, sft_ctx = policy, policy.disable_adapter
-        else:
-            sft_model, sft_ctx = trainer.ref_model, contextlib.nullcontext
+        sft_model, sft_ctx = sft_policy(trainer, cfg.method, input_dir, base.trust_remote_code,
+                                        base.attn_implementation)
         policy.config.use_cache = True  # generation-heavy evaluation
         reward_model = load_judge(job.reward_dir, base.trust_remote_code, base.attn_implementation)
         evaluation, table = evaluate_dpo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,

@@ -17,7 +17,6 @@ validation loss: `training.eval_steps` must be 0 and the last step is the output
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from refinery.rlhf.policy_eval import (
     score_lines,
     win_rate_lines,
 )
-from refinery.rlhf.trl_policy import model_for_trl
+from refinery.rlhf.trl_policy import model_for_trl, sft_policy
 from refinery.train.stage_io import StageInputs, load_start, save_stage_output, train_block
 from refinery.train.trainer import derive_max_steps, global_batch, run_trainer
 
@@ -193,16 +192,8 @@ def grpo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_
         summary, trainer = train_grpo(job, rec, Progress("grpo"), scorer)
         policy = trainer.model
         trainable, total = count_parameters(policy)
-        if trainer.ref_model is None and cfg.method != "full":  # the SFT policy: the same weights, adapter off
-            sft_model, sft_ctx = policy, policy.disable_adapter
-        elif trainer.ref_model is not None:
-            sft_model, sft_ctx = trainer.ref_model, contextlib.nullcontext
-        else:  # full with beta 0: TRL loaded no reference; the SFT weights are read back for the evaluation
-            from refinery.modeling.loading import load_causal_lm, to_compute_device
-
-            sft_model = to_compute_device(load_causal_lm(job.inputs["model"], base.trust_remote_code,
-                                                         attn_implementation=base.attn_implementation)).eval()
-            sft_ctx = contextlib.nullcontext
+        sft_model, sft_ctx = sft_policy(trainer, cfg.method, input_dir, base.trust_remote_code,
+                                        base.attn_implementation)
         policy.config.use_cache = True  # generation-heavy evaluation
         evaluation, table = evaluate_grpo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
                                           job.val_prompts, cfg.eval, base.seed)

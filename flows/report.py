@@ -142,6 +142,10 @@ ALIGNMENT_HEADER = ("| stage | method | n | win rate vs SFT [95% CI] | verdict |
                     "train s | eval s | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _whole(v) -> str:
+    return f"{v:,.0f}" if isinstance(v, (int, float)) else "-"
+
+
 def _ci(block: dict | None, null: float = 0.0) -> str:
     if block is None:
         return NOT_RECORDED
@@ -169,8 +173,8 @@ def _alignment_section(s: _Section, m: dict, stages: list[str], imgs: set[str]) 
         s.add(f"| {st} | {t.get('method', '-')} | {e.get('n', '-')} | {_ci(win, 0.5)} | "
               f"{win['verdict'] if win else '-'} | {_ci(_block(e, 'win_rate_greedy'), 0.5)} | "
               f"{_ci(_block(e, 'reward_change'))} | {_ci(_block(e, 'reference_score_change'))} | "
-              f"{_fmt(e.get(mc.KL, '-'))} | {retention} | {_fmt(t.get('seconds', '-'))} | {_fmt(e.get('seconds', '-'))} "
-              f"| {_fmt(t.get('peak_memory_mb', '-'))} |")
+              f"{_fmt(e.get(mc.KL, '-'))} | {retention} | {_whole(t.get('seconds'))} | {_whole(e.get('seconds'))} "
+              f"| {_whole(t.get('peak_memory_mb'))} |")
         if win is not None and st != "ppo":  # ppo's is in its own section's verdicts already
             s.verdicts.append((f"{st.upper()} win rate", win["verdict"]))
     s.add("")
