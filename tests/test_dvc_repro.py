@@ -87,8 +87,7 @@ def test_deployed_pipeline_through_a_worker(repo, server):
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
         run = wait_for(lambda: final_run(url, run_id), 1800, f"flow run {run_id} (log: {root / 'worker.log'})")
     finally:
-        worker.terminate()
-        worker.wait(60)
+        stop_worker(worker)
     assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{(root / 'worker.log').read_text()[-4000:]}"
 
     stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
@@ -166,6 +165,17 @@ def test_pipeline_with_every_alignment_stage(repo):
     assert "Head to head (95% CI over prompts)" in table
     assert "Registered the **" in report and "chosen across the alignment stages" in report
     sh("git checkout -- params/pipeline.yaml dvc.yaml", root, env)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 60 s: Prefect's process worker sometimes hangs on shutdown after its run has
+    finished (seen once in CI, 2026-11-30); how the worker exits is not what the test checks."""
+    worker.terminate()
+    try:
+        worker.wait(60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(30)
 
 
 def deployments(url: str) -> dict[str, str]:
