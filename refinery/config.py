@@ -6,7 +6,7 @@ DVC tracks the same files (`params:` in dvc.yaml), so what DVC hashes is what th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -317,9 +317,26 @@ class PolicyEvalArgs(Strict):
         default_factory=lambda: {"which_module": "exact_match", "summarize": "rouge_l"})
 
 
-class DPOParams(MethodParams):
+class TrlReferenceParams(MethodParams):
+    """A stage trained by a TRL trainer whose reference is the SFT policy as the policy with its adapter off (dpo,
+    grpo): an adapter init that changes the frozen weights (pissa, olora) would make that reference another model."""
+
+    _reference_of: ClassVar[str] = ""  # the stage's name in the refusal
+
+    @model_validator(mode="after")
+    def _reference_is_the_adapter_off(self):
+        if self.method in ("lora", "qlora") and getattr(self.method_args, "init", "default") in ("pissa", "olora"):
+            raise ValueError(f"{self.method}.init: {self.method_args.init} changes the frozen weights, and "
+                             f"{self._reference_of}'s reference is the policy with its adapter off (use default or "
+                             "gaussian)")
+        return self
+
+
+class DPOParams(TrlReferenceParams):
     """Direct preference optimisation (Rafailov et al. 2023) from the SFT policy on the preference pairs, on TRL's
     DPOTrainer; the reference is the SFT policy (for LoRA: the same weights with the adapter off)."""
+
+    _reference_of: ClassVar[str] = "DPO"
 
     beta: float = Field(0.1, gt=0)           # strength of the implicit KL to the reference
     loss_type: Literal[DPO_LOSSES] = "sigmoid"  # sigmoid = DPO, ipo = IPO, hinge = SLiC, ...
@@ -327,13 +344,6 @@ class DPOParams(MethodParams):
     max_length: int = Field(512, gt=8)       # prompt + answer tokens; longer pairs keep their start
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: PolicyEvalArgs = Field(default_factory=PolicyEvalArgs)
-
-    @model_validator(mode="after")
-    def _reference_is_the_adapter_off(self):
-        if self.method in ("lora", "qlora") and getattr(self.method_args, "init", "default") in ("pissa", "olora"):
-            raise ValueError(f"{self.method}.init: {self.method_args.init} changes the frozen weights, and DPO's "
-                             "reference is the policy with its adapter off (use default or gaussian)")
-        return self
 
 
 class PPOParams(MethodParams, PolicyEvalArgs):
@@ -384,12 +394,14 @@ class PPOParams(MethodParams, PolicyEvalArgs):
 GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")  # TRL 1.16's GRPOConfig.loss_type values this stage accepts
 
 
-class GRPOParams(MethodParams):
+class GRPOParams(TrlReferenceParams):
     """GRPO (Shao et al. 2024, DeepSeekMath) from the SFT policy on the prompts, on TRL's GRPOTrainer: a group of
     `num_generations` sampled answers per prompt, each scored by models/reward as ppo scores its rollouts, the
     advantage an answer's score against its group's (no value model); `beta` weighs the KL to the SFT policy
     (for LoRA: the adapter off). `training.batch_size` counts prompts per step (TRL's per-device batch of
     completions is batch_size x num_generations)."""
+
+    _reference_of: ClassVar[str] = "GRPO"
 
     num_generations: int = Field(4, ge=2)     # group size: answers sampled per prompt
     max_new_tokens: int = Field(20, gt=0)     # completion length (TRL's max_completion_length)
@@ -405,13 +417,6 @@ class GRPOParams(MethodParams):
     missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of an answer without EOS
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: PolicyEvalArgs = Field(default_factory=PolicyEvalArgs)
-
-    @model_validator(mode="after")
-    def _reference_is_the_adapter_off(self):
-        if self.method in ("lora", "qlora") and getattr(self.method_args, "init", "default") in ("pissa", "olora"):
-            raise ValueError(f"{self.method}.init: {self.method_args.init} changes the frozen weights, and GRPO's "
-                             "reference is the policy with its adapter off (use default or gaussian)")
-        return self
 
     @model_validator(mode="after")
     def _no_validation_loss(self):
