@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from refinery.modeling.loading import (
 )
 from refinery.modeling.manifest import check_same_tokenizer
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
-from refinery.modeling.precision import compute_precision, resolve
+from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -40,9 +41,10 @@ from refinery.ops.stage_cli import (
     summary_markdown,
 )
 from refinery.rlhf.policy_eval import (
+    AdapterOffJudge,
     decode_responses,
     evaluate_policy,
-    load_judge,
+    ppo_judge,
     retention_against_sft,
     rm_scores,
     score_lines,
@@ -132,19 +134,26 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     if cfg.method == "full":  # a frozen copy; LoRA-style policies use their own weights with the adapter off
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.config.use_cache = True  # generation-heavy: keep the KV cache
-    policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
     attn = base.attn_implementation
-    value_model = apply_method(to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn)), cfg,
-                               "SEQ_CLS", reward_dir, seed=base.seed)
-    reward_model = load_judge(reward_dir, base.trust_remote_code, attn)
+    value_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn))
+    if cfg.gradient_checkpointing:  # only in train mode: rollouts and scoring (eval mode) keep their activations
+        for model in (policy, value_model):
+            model.activation_checkpointing_enable()
+    policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
+    value_model = apply_method(value_model, cfg, "SEQ_CLS", reward_dir, seed=base.seed)
+    reward_model = ppo_judge(value_model, cfg.method, reward_dir, base.trust_remote_code, attn)
     trainable, total = count_parameters(policy)
+    precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
+    # every forward of these four runs under that autocast: their frozen linears can be held in its dtype
+    freed = sum(store_frozen_linears(m, precision) for m in (policy, value_model, ref_model) if m is not None)
+    if not isinstance(reward_model, AdapterOffJudge):
+        freed += store_frozen_linears(reward_model, precision)
 
     def reward_fn(idx, rollout):
         answers = decode_responses(tokenizer, rollout)
         scores = rm_scores(reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
         return scores.to(rollout.sequences.device)
 
-    precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
     with (open_stage_record("ppo", base, params, method=cfg.method,
                             tags={"tokenizer_hash": job.tokenizer_hash, **job.lineage_tags("prompts")}) as rec,
           compute_precision(precision)):
@@ -168,10 +177,16 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         evaluation, table = evaluate_ppo(policy, sft_model, sft_ctx, reward_model, tokenizer, job.val_records,
                                          job.val_prompts, cfg, base.seed)
         general = retention_against_sft(policy, sft_model, sft_ctx, job.general, tokenizer.pad_token_id, base.seed)
+        # the value and reward models are done: let them go before the save reloads the fp32 input weights to
+        # merge the adapter into (their ~0.7 GB at 135M would otherwise sit under that reload)
+        trainer.value_model = value_model = reward_model = None
+        gc.collect()
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
         train["precision"] = precision
+        train["frozen_weights_16bit_mb"] = round(freed / 2**20, 1)  # fp32 frozen weights held in `precision`
+        train["gradient_checkpointing"] = cfg.gradient_checkpointing
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
             step_means = slope([x["reward_mean"] for x in h], seed=base.seed)

@@ -377,6 +377,8 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     save_steps: int = Field(4, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
+    gradient_checkpointing: bool = False     # policy and value model recompute activations in the backward pass
+
     @model_validator(mode="after")
     def _minibatch(self):
         if self.batch_size % self.mini_batch_size:

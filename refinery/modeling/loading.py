@@ -22,6 +22,7 @@ from refinery.config import MethodParams
 from refinery.errors import UserError
 from refinery.modeling import bottleneck
 from refinery.modeling.methods import INITIAL_ADAPTER, REGISTRY, quantization_kwargs
+from refinery.modeling.precision import frozen_in_16bit
 
 
 def model_kind(folder: str | Path) -> str:
@@ -166,8 +167,10 @@ def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path)
         initial = getattr(model, INITIAL_ADAPTER, None)
         model.save_pretrained(out / "adapter", **({"path_initial_model_for_weight_conversion": initial} if initial
                                                   else {}))
-        merged = (merge_into_full_precision(model, input_dir, out / "adapter") if method == "qlora"
-                  else model.merge_and_unload())
+        # a 4-bit base (qlora) or 16-bit frozen weights (ppo: precision.store_frozen_linears) would bake
+        # their rounding into the output: merge into the fp32 input weights instead
+        merged = (merge_into_full_precision(model, input_dir, out / "adapter")
+                  if method == "qlora" or frozen_in_16bit(model) else model.merge_and_unload())
         merged.save_pretrained(out)
     else:
         model.peft_config["default"].base_model_name_or_path = base_ref

@@ -29,17 +29,39 @@ def decode_responses(tokenizer, r) -> list[str]:
             for row, m in zip(r.responses, r.response_mask)]
 
 
-def sampled_answers(model, tokenizer, prompt_ids: list[list[int]], cfg, k: int, seed: int,
-                    batch_size: int = 16) -> list[list[str]]:
-    """k answers per prompt, sampled as the rollouts are (temperature, top-k, top-p), [n][k]. Prompts go in
-    batches of similar length (left padding to the longest prompt of a batch is what dominates the cost of
-    short answers to prompts from ~40 to ~400 tokens); seeded, so the same model gives the same answers."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+def length_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length: left padding to the longest prompt of a batch is what
+    dominates the cost of short answers to prompts from ~40 to ~400 tokens, and a batch's KV cache and
+    logits are what sets the evaluation's peak memory."""
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def greedy_rollouts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                    batch_size: int = 16) -> list[tuple[list[int], object]]:
+    """One greedy answer per prompt, as (prompt indices, Rollout) per length batch."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return [(chunk, sample(model, [prompt_ids[i] for i in chunk], pad, eos, max_new_tokens, 1.0, 0, 1.0, greedy=True))
+            for chunk in length_batches(prompt_ids, batch_size)]
+
+
+def in_prompt_order(batches: list[tuple[list[int], list]], n: int) -> list:
+    """Per-batch results back in the prompts' order."""
+    out: list = [None] * n
+    for chunk, values in batches:
+        for i, v in zip(chunk, values):
+            out[i] = v
+    return out
+
+
+def sampled_answers(model, tokenizer, prompt_ids: list[list[int]], cfg, k: int, seed: int,
+                    batch_size: int = 8) -> list[list[str]]:
+    """k answers per prompt, sampled as the rollouts are (temperature, top-k, top-p), [n][k], prompts in length
+    batches (`length_batches`); seeded, so the same model gives the same answers."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[list[str]] = [[] for _ in prompt_ids]
     torch.manual_seed(seed)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in length_batches(prompt_ids, batch_size):
         ids = [prompt_ids[i] for i in chunk for _ in range(k)]
         answers = decode_responses(tokenizer, sample(model, ids, pad, eos, cfg.eval_max_new_tokens, cfg.temperature,
                                                      cfg.top_k, cfg.top_p))
@@ -54,6 +76,33 @@ def load_judge(reward_dir: str, trust_remote_code: bool, attn_implementation: st
 
     model = to_compute_device(load_scalar_model(reward_dir, trust_remote_code, attn_implementation=attn_implementation))
     return model.eval().requires_grad_(False)
+
+
+class AdapterOffJudge(torch.nn.Module):
+    """The reward model as PPO's value model with its adapter off: the value model is the reward model plus a
+    LoRA/IA3 adapter and a trained copy of the score head (peft's modules_to_save), so with the adapter
+    disabled it is the reward model, weight for weight, and PPO holds one model for both roles."""
+
+    def __init__(self, value_model):
+        super().__init__()
+        self.value_model = value_model
+
+    @property
+    def device(self):
+        return self.value_model.device
+
+    def forward(self, **batch):
+        with self.value_model.disable_adapter():
+            return self.value_model(**batch)
+
+
+def ppo_judge(value_model, method: str, reward_dir: str, trust_remote_code: bool, attn_implementation: str | None):
+    """PPO's reward model: the value model with its adapter off where that is the reward model exactly (lora,
+    ia3: adapters on the full-precision reward weights), else (full: every weight trains; qlora: a 4-bit base
+    would judge with quantised weights) the reward model loaded on its own."""
+    if method in ("lora", "ia3"):
+        return AdapterOffJudge(value_model)
+    return load_judge(reward_dir, trust_remote_code, attn_implementation)
 
 
 def retention_against_sft(policy, sft_model, sft_context, general: list[dict], pad_id: int, seed: int) -> dict | None:
@@ -104,22 +153,34 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
+def exact_kl_per_sequence(policy, sft_model, sft_context, r, batch_size: int = 8) -> torch.Tensor:
+    """Exact KL(policy || SFT) summed over each response [B], `batch_size` sequences at a time (the logits of
+    two policies over a 49k vocabulary for all 50 held-out answers at once were ~4 GB, the largest allocation
+    of the whole ppo stage)."""
+    out = []
+    for start in range(0, r.sequences.shape[0], batch_size):
+        sub = r.select(torch.arange(start, min(start + batch_size, r.sequences.shape[0])))
+        policy_logits = response_logits(policy, sub)
+        with sft_context():
+            ref_logits = response_logits(sft_model, sub)
+        out.append((exact_kl(policy_logits, ref_logits) * sub.response_mask).sum(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, records: list[dict],
                     prompt_ids: list[list[int]], cfg, seed: int = 0) -> tuple[dict, list[dict]]:
     """`sft_model` inside `sft_context()` is the SFT policy: the LoRA policy with its adapter disabled
     (weights held once), or a separate frozen copy with a null context. Win rate, RM-score change and
     reference-agreement change come with n, a 95% bootstrap CI over prompts and a verdict."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     t0 = time.perf_counter()
-
-    def greedy(model):
-        return sample(model, prompt_ids, pad, eos, cfg.eval_max_new_tokens, 1.0, 0, 1.0, greedy=True)
-
-    r_pol = greedy(policy)
+    n = len(prompt_ids)
+    r_pol = greedy_rollouts(policy, tokenizer, prompt_ids, cfg.eval_max_new_tokens)
     with sft_context():
-        r_sft = greedy(sft_model)
+        r_sft = greedy_rollouts(sft_model, tokenizer, prompt_ids, cfg.eval_max_new_tokens)
     prompts = [r["prompt"] for r in records]
-    a_pol, a_sft = decode_responses(tokenizer, r_pol), decode_responses(tokenizer, r_sft)
+    a_pol, a_sft = (in_prompt_order([(c, decode_responses(tokenizer, r)) for c, r in batches], n)
+                    for batches in (r_pol, r_sft))
     s_pol, s_sft = rm_scores(reward_model, tokenizer, prompts, a_pol), rm_scores(reward_model, tokenizer, prompts, a_sft)
     greedy_wins = win_rate(s_pol.tolist(), s_sft.tolist(), seed=seed)
     wins, basis = greedy_wins, "greedy: one greedy answer per prompt from each policy"
@@ -138,10 +199,8 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
         wins = win_rate(by_prompt["policy"], by_prompt["sft"], seed=seed)
         basis = (f"sampled: {k} answers per prompt from each policy at temperature {cfg.temperature}, "
                  f"a prompt's win = share of its {k}x{k} answer pairs won")
-    policy_logits = response_logits(policy, r_pol)
-    with sft_context():
-        ref_logits = response_logits(sft_model, r_pol)
-    kl_per_prompt = (exact_kl(policy_logits, ref_logits) * r_pol.response_mask).sum(-1)
+    kl_per_prompt = torch.tensor(in_prompt_order(
+        [(c, exact_kl_per_sequence(policy, sft_model, sft_context, r).tolist()) for c, r in r_pol], n))
 
     def ref_scores(answers):
         return [METRICS[cfg.reference_metrics.get(r.get("task", ""), "rouge_l")](a, r["reference"])

@@ -80,10 +80,15 @@ def sampling_config(max_new_tokens: int, pad_id: int, eos_id: int, temperature: 
 
 
 def response_logits(model, r: Rollout) -> torch.Tensor:
-    """Logits that predict each response token: columns P-1 .. P+R-2, shape [B, R, V]."""
+    """Logits that predict each response token: columns P-1 .. P+R-2, shape [B, R, V].
+
+    Only the last R+1 columns go through the LM head (`logits_to_keep`): the prompt's logits are never
+    used, and with a 49k vocabulary they were most of PPO's memory (a 128-token prompt and a 20-token answer:
+    7x the logits the loss needs)."""
+    width = r.sequences.shape[1] - r.prompt_width + 1
     out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
-                use_cache=False)
-    return out.logits[:, r.prompt_width - 1:-1]
+                use_cache=False, logits_to_keep=width)
+    return out.logits[:, -width:-1]
 
 
 def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
