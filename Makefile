@@ -8,7 +8,7 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo compare test lint test-slow ui clean
+.PHONY: install demo compare test lint test-slow ui clean bench-trl-venv
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ demo: install  ## the whole pipeline on the bundled SmolLM2-135M-Instruct and de
 
 compare: install  ## the method comparison (params/compare.yaml: 8 methods x 2 seeds) from the demo's models/dapt; not in `make demo`
 	$(PY) -m flows.compare_methods
+
+bench-trl-venv: bench/.venv-trl019/.installed  ## TRL 0.19.1 + transformers 4.57 for bench/ppo_bench.py (its own venv)
+
+bench/.venv-trl019/.installed: bench/requirements-trl019.txt
+	test -x bench/.venv-trl019/bin/python || python3 -m venv bench/.venv-trl019
+	bench/.venv-trl019/bin/python -m pip install -q -r bench/requirements-trl019.txt
+	touch $@
 
 lint: install  ## ruff: lint + import order (pyproject.toml [tool.ruff])
 	$(VENV)/bin/ruff check .

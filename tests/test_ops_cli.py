@@ -110,8 +110,14 @@ def test_pipeline_slice_runs_its_stages_then_skips_them(repo, ran_to_dapt):
     dapt_manifest = (root / "models" / "dapt" / "refinery_manifest.json").read_text()
     runs = stage_runs(root, "dapt")
 
-    again = results(pipeline(root, env, "--from", "prepare", "--to", "dapt"))
+    pipeline_runs = stage_runs(root, "pipeline")
+    proc = pipeline(root, env, "--from", "prepare", "--to", "dapt")
+    again = results(proc)
     assert again == {"prepare": "skipped (up to date)", "dapt": "skipped (up to date)"}
+    # nothing stale: ended before Prefect and MLflow started, as `dvc repro` does (flows/pipeline.nothing_to_do)
+    assert "nothing to run" in proc.stdout and stage_runs(root, "pipeline") == pipeline_runs
+    named = results(pipeline(root, env, "--from", "prepare", "--to", "dapt", "--name", "recorded"))
+    assert named == again and stage_runs(root, "pipeline") == pipeline_runs + 1  # --name: a recorded run
     assert (root / "models" / "dapt" / "refinery_manifest.json").read_text() == dapt_manifest
     assert stage_runs(root, "dapt") == runs  # no new stage run
     status = subprocess.run(["dvc", "status"], cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -25,6 +25,14 @@ def stage_status(name: str, root: str | Path = ".") -> dict:
         return repo.status(targets=[name])
 
 
+def pipeline_status(stages: list[str], root: str | Path = ".") -> dict:
+    """DVC's view of several stages at once, from one Repo: {} when every one is up to date."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status(targets=stages)
+
+
 def flow_name(stage: str) -> str:
     """The Prefect flow each stage's command runs (its `@flow(name=...)`): the stage's own name, for every
     stage; tests/test_pipeline.py checks them."""
