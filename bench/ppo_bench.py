@@ -4,7 +4,7 @@ interleaved, repeated; episodes/s and peak memory, as ratios.
 
     make bench-trl-venv            # once: bench/.venv-trl019 from bench/requirements-trl019.txt
     python bench/ppo_bench.py      # after `make demo` (models/sft, models/reward, data/prepared); writes
-                                   # bench/RESULTS-ppo.md and bench/results-ppo.json
+                                   # bench/RESULTS-ppo.md and bench/results-ppo.json (--out: another name)
 
 Each side is configured as its users would run it on this machine: ours as params/ppo.yaml ships (LoRA
 policy and value model, the reward model = the value model with its adapter off, frozen weights in bf16,
@@ -164,7 +164,8 @@ def main() -> None:
               "load_average_end": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "settings": spec["settings"], "prompts": len(spec["prompts"]), "bf16": spec["bf16"], "runs": runs,
               "aggregate": agg, "ratio": ratio, "goals": GOALS}
-    (ROOT / "bench" / "results-ppo.json").write_text(json.dumps(result, indent=1))
+    out = Path(args.out)  # RESULTS-ppo.md -> results-ppo.json beside it
+    (out.parent / f"{out.stem.lower()}.json").write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(render(result, args))
     print(Path(args.out).read_text())
 
