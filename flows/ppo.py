@@ -41,7 +41,6 @@ from refinery.ops.stage_cli import (
     summary_markdown,
 )
 from refinery.rlhf.policy_eval import (
-    AdapterOffJudge,
     decode_responses,
     evaluate_policy,
     ppo_judge,
@@ -145,9 +144,9 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     trainable, total = count_parameters(policy)
     precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
     # every forward of these four runs under that autocast: their frozen linears can be held in its dtype
-    freed = sum(store_frozen_linears(m, precision) for m in (policy, value_model, ref_model) if m is not None)
-    if not isinstance(reward_model, AdapterOffJudge):
-        freed += store_frozen_linears(reward_model, precision)
+    # (the adapter-off judge holds the value model's weights: already cast there, it frees nothing twice)
+    freed = sum(store_frozen_linears(m, precision) for m in (policy, value_model, reward_model, ref_model)
+                if m is not None)
 
     def reward_fn(idx, rollout):
         answers = decode_responses(tokenizer, rollout)

@@ -74,7 +74,7 @@ def store_frozen_linears(model, precision: str) -> int:
     per model at rest and as much again per forward in flight. Trainable parameters, embeddings and norms stay
     fp32 (the optimiser's master weights; a 16-bit residual stream would change the outputs). Not for a
     model whose frozen weights are saved as they are: a policy so stored has its adapter merged into the fp32
-    input weights reloaded from disk (refinery/train/stage_io.save_output), as QLoRA's is."""
+    input weights reloaded from disk (refinery/modeling/loading.save_output), as QLoRA's is."""
     if precision not in DTYPES:
         return 0
     dtype, freed = DTYPES[precision], 0

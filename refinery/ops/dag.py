@@ -19,10 +19,7 @@ def stage_order(root: str | Path = ".") -> list[str]:
 
 def stage_status(name: str, root: str | Path = ".") -> dict:
     """DVC's view of one stage: {} when it is up to date, else what changed."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return repo.status(targets=[name])
+    return pipeline_status([name], root)
 
 
 def pipeline_status(stages: list[str], root: str | Path = ".") -> dict:
