@@ -82,13 +82,19 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     assert deployed["pipeline-k8s-gpu"] == "k8s-gpu" and deployed["pipeline-weekly"] == "local-process"
     worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "local-process"], cwd=root, env=env,
                               stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        out = sh("prefect deployment run pipeline/pipeline-weekly", root, env)
-        run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    try:  # two runs at once: the second queues in Prefect behind the first (prefect.yaml's concurrency_limit)
+        run_id, queued_id = (re.search(r"UUID: ([0-9a-f-]{36})", sh("prefect deployment run pipeline/pipeline-weekly",
+                                                                     root, env)).group(1) for _ in range(2))
         run = wait_for(lambda: final_run(url, run_id), 1800, f"flow run {run_id} (log: {root / 'worker.log'})")
+        queued = wait_for(lambda: final_run(url, queued_id), 600, f"queued run {queued_id} (log: {root / 'worker.log'})")
     finally:
         stop_worker(worker)
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{(root / 'worker.log').read_text()[-4000:]}"
+    for r in (run, queued):
+        assert r.state.is_completed(), f"{r.state.name}: {r.state.message}\n{(root / 'worker.log').read_text()[-4000:]}"
+    assert queued.start_time >= run.end_time, (run.end_time, queued.start_time)  # it waited, it did not collide
+    stage_names = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    assert task_states(url, queued_id, stage_names) == {s: "Skipped" for s in stage_names}  # nothing left to do
+    assert scheduled_runs(url, "pipeline-weekly"), "the weekly schedule created no scheduled run (server.log)"
 
     stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     subflows, artifacts = subflows_and_artifacts(url, run_id)
@@ -185,6 +191,35 @@ def deployments(url: str) -> dict[str, str]:
 
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         return {d.name: d.work_pool_name for d in client.read_deployments()}
+
+
+def scheduled_runs(url: str, deployment: str) -> list:
+    """The runs Prefect's scheduler created from the deployment's cron (none with SQLAlchemy 2.1: pyproject.toml)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Scheduled"]))))
+
+
+def task_states(url: str, run_id: str, names: list[str]) -> dict[str, str]:
+    """{task run name: state name} for the named task runs of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {t.name: t.state.name for t in runs if t.name in names}
 
 
 def final_run(url: str, run_id: str):
