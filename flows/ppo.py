@@ -49,6 +49,7 @@ from refinery.rlhf.policy_eval import (
     score_lines,
     win_rate_lines,
 )
+from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_trainer import PPOTrainer, ppo_train_block
 from refinery.train.stage_io import StageInputs, save_stage_output
 from refinery.train.trainer import peak_memory_mb
@@ -117,16 +118,23 @@ def reward_trend_within_prompts(episodes: list[list], seed: int) -> Estimate | N
         return None
 
 
-@flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
-def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
-             data_dir: str = "data/prepared", out_dir: str = "models/ppo", overrides: dict | None = None):
-    try:
-        job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
-    except UserError as exc:
-        return refuse(exc)
-    base, cfg, tokenizer, params = job.base, job.cfg, job.tokenizer, job.params
-    train_records = job.train_records
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module
+    value_model: torch.nn.Module
+    reward_model: torch.nn.Module | None
+    ref_model: torch.nn.Module | None  # None: the policy with its adapter off
+    precision: str
+    freed: int                          # bytes of frozen fp32 weights now held in `precision`
+    trainable: int
+    total: int
 
+
+def build_models(job: PPOInputs) -> PPOModels:
+    """Policy, reference, value and reward models as every rank builds them (the same seed, so the same
+    adapter initialisation on every rank)."""
+    base, cfg = job.base, job.cfg
+    input_dir, reward_dir = job.inputs["model"], job.reward_dir
     torch.manual_seed(base.seed)
     policy = to_compute_device(job.model)
     ref_model = None
@@ -145,13 +153,46 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
     # every forward of these four runs under that autocast: their frozen linears can be held in its dtype
     # (the adapter-off judge holds the value model's weights: already cast there, it frees nothing twice)
-    freed = sum(store_frozen_linears(m, precision) for m in (policy, value_model, reward_model, ref_model)
-                if m is not None)
+    freed = sum(store_frozen_linears(model, precision) for model in (policy, value_model, reward_model, ref_model)
+                if model is not None)
+    return PPOModels(policy, value_model, reward_model, ref_model, precision, freed, trainable, total)
+
+
+def make_trainer(job: PPOInputs, m: PPOModels, **hooks) -> PPOTrainer:
+    """The PPO loop over the job's prompts, on the ranks torchrun started (one without it); `hooks`: the
+    record, progress and on_step callbacks rank 0 passes."""
+    tokenizer, train_records = job.tokenizer, job.train_records
 
     def reward_fn(idx, rollout):
         answers = decode_responses(tokenizer, rollout)
-        scores = rm_scores(reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
+        scores = rm_scores(m.reward_model, tokenizer, [train_records[i]["prompt"] for i in idx], answers)
         return scores.to(rollout.sequences.device)
+
+    return PPOTrainer(job.cfg, m.policy, m.value_model, reward_fn, job.train_prompts, tokenizer, job.checkpoint,
+                      job.base.seed, ref_model=m.ref_model, ranks=Ranks.from_environment(), **hooks)
+
+
+def train_worker(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
+                 data_dir: str = "data/prepared", overrides: dict | None = None, **_) -> None:
+    """A non-zero rank of a multi-process PPO: the same models and steps as rank 0 on its share of each step's
+    prompts; rank 0 records, evaluates and saves."""
+    job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
+    m = build_models(job)
+    with compute_precision(m.precision):
+        make_trainer(job, m).train()
+
+
+@flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
+def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
+             data_dir: str = "data/prepared", out_dir: str = "models/ppo", overrides: dict | None = None):
+    try:
+        job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
+    except UserError as exc:
+        return refuse(exc)
+    base, cfg, tokenizer, params = job.base, job.cfg, job.tokenizer, job.params
+    m = build_models(job)
+    policy, ref_model, reward_model = m.policy, m.ref_model, m.reward_model
+    trainable, total, precision = m.trainable, m.total, m.precision
 
     with (open_stage_record("ppo", base, params, method=cfg.method,
                             tags={"tokenizer_hash": job.tokenizer_hash, **job.lineage_tags("prompts")}) as rec,
@@ -163,9 +204,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
                 answers = decode_responses(tokenizer, rollout)
                 rec.log_table([{"step": step, "response": a} for a in answers[:4]], f"samples/step_{step:04d}.json")
 
-        trainer = PPOTrainer(cfg, policy, value_model, reward_fn, job.train_prompts, tokenizer,
-                             job.checkpoint, base.seed, ref_model=ref_model, record=rec,
-                             progress=Progress("ppo"), on_step=on_step)
+        trainer = make_trainer(job, m, record=rec, progress=Progress("ppo"), on_step=on_step)
         print(f"ppo: method {cfg.method}: {trainable:,} of {total:,} policy parameters trainable; "
               f"{cfg.steps} steps x {cfg.batch_size} episodes")
         state = train_ppo(trainer)
@@ -178,14 +217,15 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         general = retention_against_sft(policy, sft_model, sft_ctx, job.general, tokenizer.pad_token_id, base.seed)
         # the value and reward models are done: let them go before the save reloads the fp32 input weights to
         # merge the adapter into (their ~0.7 GB at 135M would otherwise sit under that reload)
-        trainer.value_model = value_model = reward_model = None
+        trainer.value_model = m.value_model = m.reward_model = reward_model = None
         gc.collect()
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
         train["precision"] = precision
-        train["frozen_weights_16bit_mb"] = round(freed / 2**20, 1)  # fp32 frozen weights held in `precision`
+        train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
+        train["processes"] = cfg.nproc_per_node  # rates are the whole run's; peak memory is rank 0's
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
             step_means = slope([x["reward_mean"] for x in h], seed=base.seed)
@@ -211,7 +251,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
     return metrics
 
 
-main = stage_main(ppo_flow, 'ppo')
+main = stage_main(ppo_flow, 'ppo', worker=train_worker)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ class TrainingArgs(Strict):
     # every stage, so a stage file may not set it
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # kernels, both passed to transformers' Trainer: `torch_compile` compiles the model (the first steps pay
+    # the compilation); `use_liger_kernel` swaps in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU and the fused
+    # linear cross-entropy, which never materialises the [tokens x 49k] logits): CUDA only, `pip install
+    # liger-kernel` (the `gpu` extra), refused in one line elsewhere
+    torch_compile: bool = False
+    use_liger_kernel: bool = False
     # Processes for this stage (refinery/ops/distributed.py): >1 relaunches it under torchrun (DDP: gloo on CPU, nccl
     # on GPU); `accelerate_config` (e.g. configs/accelerate/fsdp.yaml) relaunches it with `accelerate launch`.
     # batch_size stays per process: the global batch is batch_size x grad_accum x processes.
@@ -378,11 +384,17 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
     gradient_checkpointing: bool = False     # policy and value model recompute activations in the backward pass
+    # data-parallel PPO under torchrun (refinery/rlhf/ppo_distributed.py): each process samples and scores
+    # batch_size / nproc_per_node episodes a step; mini-batches are split the same way
+    nproc_per_node: int = Field(1, gt=0)
 
     @model_validator(mode="after")
     def _minibatch(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+        if self.mini_batch_size % self.nproc_per_node:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of nproc_per_node "
+                             f"{self.nproc_per_node} (each process takes an equal share of every mini-batch)")
         return self
 
     @model_validator(mode="after")
@@ -566,7 +578,22 @@ def load_params(stage: str, params_dir: str | Path = "params", overrides: dict[s
 
         has_base = (Path(params_dir) / "base.yaml").is_file()  # a lone stage file (tests, scripts): the default
         cfg.training.precision = resolve((load_params("base", params_dir) if has_base else BaseParams()).precision)
+        if cfg.training.use_liger_kernel:
+            check_liger(path)
     return cfg
+
+
+def check_liger(path: Path) -> None:
+    """Liger's kernels are Triton kernels for CUDA GPUs: say so before anything loads, not from inside Trainer."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{path}: training.use_liger_kernel: Liger's kernels need a CUDA GPU (none here); set it false")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UserError(f"{path}: training.use_liger_kernel: liger-kernel is not installed "
+                        "(pip install -e '.[gpu]', or pip install liger-kernel)")
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:

@@ -81,6 +81,8 @@ CASES = {
                       "dapt.yaml:2: not valid YAML (duplicate key 'method' (first on line 1))", "models/dapt"),
     "truncated_weights": ("dapt", truncate_base_weights,
                           "models/base/model.safetensors: not a complete safetensors file", "models/dapt"),
+    "liger_without_cuda": ("dapt", params_case("dapt", "liger_on_cpu.yaml"),
+                           "dapt.yaml: training.use_liger_kernel: Liger's kernels need a CUDA GPU", "models/dapt"),
     "typo_key": ("dapt", params_case("dapt", "typo_key.yaml"), "key 'training.max_stepz': unknown key",
                  "models/dapt"),
     "base_without_weights": ("base_model", base_case(lambda r: HERE / "no_weights"),

@@ -84,7 +84,7 @@ def test_launch_command_choices(monkeypatch, tmp_path):
 
 
 def test_single_process_stages_refuse_several(project, capsys):
-    from flows.ppo import main
+    from flows.dpo import main
 
     os.environ["WORLD_SIZE"], os.environ["RANK"] = "2", "0"
     try:

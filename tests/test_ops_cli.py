@@ -309,6 +309,7 @@ def test_the_gpu_extra_installs_and_declares_bitsandbytes():
     md = metadata("llm-refinery")
     assert "gpu" in md.get_all("Provides-Extra")
     assert any(r.startswith("bitsandbytes") and 'extra == "gpu"' in r for r in md.get_all("Requires-Dist"))
+    assert any(r.startswith("liger-kernel") and 'extra == "gpu"' in r for r in md.get_all("Requires-Dist"))
 
 
 @pytest.mark.slow

@@ -40,7 +40,8 @@ def build(tiny_base, seed=0):
 
 def test_rule_reward_rises_with_bounded_kl(tiny_base, tmp_path):
     policy, value, tok, prompts, reward_fn = build(tiny_base)
-    trainer = PPOTrainer(PPOParams(**{**CFG, "steps": 8}), policy, value, reward_fn, prompts, tok, tmp_path, seed=0)
+    # 12 steps: over 8 the rise was within the tiny model's step-to-step noise on some seeds (1 in 5 over 12)
+    trainer = PPOTrainer(PPOParams(**{**CFG, "steps": 12}), policy, value, reward_fn, prompts, tok, tmp_path, seed=0)
     state = trainer.train()
     rewards = [h["reward_mean"] for h in state.history]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -129,7 +130,8 @@ def to_compute_device(model):
     """The GPU when there is one (PPO keeps rollouts, values and rewards on one device); 4-bit models were
     placed on their GPU at load."""
     if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
-        return model.to("cuda")
+        # a multi-process PPO (torchrun) gives each rank its own GPU
+        return model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     return model
 
 

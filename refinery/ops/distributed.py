@@ -28,6 +28,22 @@ def is_worker_rank() -> bool:
     return world_size() > 1 and rank() != 0
 
 
+def die_with_launcher() -> None:
+    """Make this rank die with the launcher that started it. torchrun starts each rank in a session of its own,
+    so a `kill -9` of the run (the launcher, or its process group) would leave the ranks training on as orphans,
+    writing checkpoints and outputs behind the back of the rerun that resumes. Linux's PR_SET_PDEATHSIG sends
+    this process SIGKILL when its parent exits; elsewhere this does nothing."""
+    if world_size() <= 1 or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the launcher died before the call: nothing would signal us now
+        os._exit(1)
+
+
 def launch_command(module: str, argv: list[str], nproc: int, accelerate_config: str | None) -> list[str] | None:
     """The command that relaunches `python -m <module> <argv>` on `nproc` processes, or None to run here."""
     if world_size() > 1 or (nproc <= 1 and not accelerate_config):

@@ -149,7 +149,7 @@ def stage_main(flow_fn, stage: str | None, worker=None):
     from refinery.config import apply_overrides, load_params
     from refinery.errors import exit_on_user_error
     from refinery.modeling.methods import check_stage_method
-    from refinery.ops.distributed import is_worker_rank, relaunch, world_size
+    from refinery.ops.distributed import die_with_launcher, is_worker_rank, relaunch, world_size
 
     name = stage or flow_fn.name
 
@@ -162,6 +162,7 @@ def stage_main(flow_fn, stage: str | None, worker=None):
             if key not in accepted:
                 raise UserError(f"{'--set' if key == 'overrides' else '--' + key.replace('_', '-')}: "
                                 f"not an option of stage '{name}'")
+        die_with_launcher()  # a rank of a multi-process run goes when its launcher goes (kill -9 included)
         if is_worker_rank() and worker is not None:
             worker(**kwargs)
             return
@@ -180,7 +181,8 @@ def stage_main(flow_fn, stage: str | None, worker=None):
                 cfg = load_params(stage, pdir, kwargs.get("overrides"))
                 if hasattr(cfg, "method"):
                     check_stage_method(cfg, stage, f"{pdir}/{stage}.yaml")
-                training = getattr(cfg, "training", None)
+                # Trainer stages keep it under `training`; ppo at its top level (it has no Trainer)
+                training = getattr(cfg, "training", None) or (cfg if hasattr(cfg, "nproc_per_node") else None)
             if stage is not None and kwargs.get("overrides") and "out_dir" not in kwargs:
                 # the stage writes its DVC out (models/<stage>): record the values in its params file first, as
                 # `flows.pipeline --set` and `dvc exp run -S` do, so dvc.lock can describe what gets written.
@@ -190,9 +192,10 @@ def stage_main(flow_fn, stage: str | None, worker=None):
                     f"{k}={v}" for k, v in kwargs["overrides"].items()) + " (a --set run writing "
                     f"models/{stage} records its values there; use --out-dir to write elsewhere instead)",
                     file=sys.stderr)
-            nproc, launcher = (training.nproc_per_node, training.accelerate_config) if training else (1, None)
+            nproc = training.nproc_per_node if training else 1
+            launcher = getattr(training, "accelerate_config", None)
             if worker is None and (nproc > 1 or launcher or world_size() > 1):
-                raise UserError(f"stage '{name}' runs in one process (several processes: dapt, sft and reward)")
+                raise UserError(f"stage '{name}' runs in one process (several processes: dapt, sft, reward and ppo)")
             relaunch(_main_module(flow_fn), argv, nproc, launcher)
 
         run_cli(flow_fn, precheck=precheck, **kwargs)

@@ -4,6 +4,10 @@ Resumable: every `save_steps` a checkpoint (trainable policy and value weights a
 states, KL controller, score normaliser, prompt-order and torch RNG states, metric history) is written to a
 temporary folder and renamed into place, the last `keep_checkpoints` kept. A rerun continues from the next
 step: no step is repeated or lost.
+
+On several processes (torchrun, `nproc_per_node` in params/ppo.yaml) each rank samples and scores its share of
+the step's prompts and the update is shared (refinery/rlhf/ppo_distributed.py); rank 0 records and saves.
+Mini-batches are drawn from a generator seeded by (seed, step), the same on every rank and in a resumed run.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from refinery.config import PPOParams
+from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_math import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -100,7 +105,7 @@ class ScoreScale:
 class PPOTrainer:
     def __init__(self, cfg: PPOParams, policy, value_model, reward_fn: RewardFn, prompts: list[list[int]],
                  tokenizer, ckpt_dir: Path, seed: int, ref_model=None, record=None, progress=None,
-                 on_step: Callable[[int, dict, Rollout], None] | None = None):
+                 on_step: Callable[[int, dict, Rollout], None] | None = None, ranks: Ranks | None = None):
         self.cfg, self.policy, self.value_model, self.reward_fn = cfg, policy, value_model, reward_fn
         self.prompts, self.tokenizer, self.ckpt_dir = prompts, tokenizer, Path(ckpt_dir)
         self.ref_model, self.record, self.progress, self.on_step = ref_model, record, progress, on_step
@@ -110,8 +115,12 @@ class PPOTrainer:
         disable_dropout(policy, value_model, ref_model)
         self.opt_policy = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
         self.opt_value = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr)
-        self.order_rng = random.Random(seed)
-        torch.manual_seed(seed)
+        self.ranks = ranks or Ranks()
+        if self.ranks.world > 1 and cfg.mini_batch_size % self.ranks.world:
+            raise ValueError(f"mini_batch_size {cfg.mini_batch_size} is not a multiple of nproc_per_node {self.ranks.world}")
+        self.seed = seed
+        self.order_rng = random.Random(seed)  # the prompt order: the same on every rank
+        torch.manual_seed(seed + self.ranks.rank)  # sampling: each rank draws its own answers
         self.state = PPOState()
         self.resumed_from: int | None = None  # the checkpoint step a resumed run started from
         self._order: list[int] = []
@@ -125,7 +134,9 @@ class PPOTrainer:
 
     def value_of(self, r: Rollout) -> torch.Tensor:
         """Per-token values on the scores' scale."""
-        v = values(self.value_model, r)
+        return self.scaled(values(self.value_model, r))
+
+    def scaled(self, v: torch.Tensor) -> torch.Tensor:
         return self.scale(v) if self.cfg.normalize_scores else v
 
     def next_prompts(self) -> list[int]:
@@ -149,17 +160,21 @@ class PPOTrainer:
     # ---- one PPO step ------------------------------------------------------------------------------
     def step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        idx = self.next_prompts()
-        r = sample(self.policy, [self.prompts[i] for i in idx], self.pad, self.eos, cfg.max_new_tokens,
+        idx = self.next_prompts()  # the whole step's prompts; this rank samples and scores its share
+        mine = self.ranks.share(idx)
+        r = sample(self.policy, [self.prompts[i] for i in mine], self.pad, self.eos, cfg.max_new_tokens,
                    cfg.temperature, cfg.top_k, cfg.top_p)
-        mask = r.response_mask.float()
         with torch.no_grad():
             old_logprobs, _ = policy_stats(self.policy, r, cfg.temperature)
             ref_logprobs = self.ref_logprobs(r)
-            raw = self.reward_fn(idx, r).float()
-            if cfg.normalize_scores and not self.scale.fitted:
-                self.scale.fit(raw)
-            old_values = self.value_of(r)
+            raw = self.reward_fn(mine, r).float()
+            raw_values = values(self.value_model, r)
+        r, (old_logprobs, ref_logprobs, raw_values), (raw,) = self.ranks.gather_rollout(
+            r, self.pad, [old_logprobs, ref_logprobs, raw_values], [raw])
+        mask = r.response_mask.float()
+        if cfg.normalize_scores and not self.scale.fitted:
+            self.scale.fit(raw)  # on the whole step's scores: one normaliser on every rank
+        old_values = self.scaled(raw_values)
         scores = self.shape_scores(raw, r)
         kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator)
         rewards, non_score = per_token_rewards(scores, kl, self.kl_ctl.value, mask)
@@ -173,11 +188,17 @@ class PPOTrainer:
         self.policy.train()
         self.value_model.train()
         n = len(idx)
+        order = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.step)
+        trained = [[p for g in opt.param_groups for p in g["params"]] for opt in (self.opt_policy, self.opt_value)]
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n)
+            perm = torch.randperm(n, generator=order)
             for start in range(0, n, cfg.mini_batch_size):
-                mb = perm[start:start + cfg.mini_batch_size]
+                whole = perm[start:start + cfg.mini_batch_size]
+                mb = self.ranks.mini_batch_share(whole)
                 sub, m = r.select(mb), mask[mb]
+                # this rank's share of the mini-batch's response tokens: the losses are token means, so the
+                # ranks' weighted means, averaged, are the mean over the whole mini-batch
+                share = float(m.sum() / mask[whole].sum()) if self.ranks.world > 1 else 1.0
                 logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
                 vpred = self.value_of(sub)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
@@ -185,17 +206,21 @@ class PPOTrainer:
                 vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
                                                           cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
+                if self.ranks.world > 1:
+                    loss = loss * (share * self.ranks.world)
                 self.opt_policy.zero_grad()
                 self.opt_value.zero_grad()
                 loss.backward()
-                for opt in (self.opt_policy, self.opt_value):
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                   cfg.max_grad_norm)
+                for opt, params in zip((self.opt_policy, self.opt_value), trained):
+                    self.ranks.average_gradients(params)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clipfrac),
-                             ("value_clip_fraction", vf_clipfrac), ("approx_kl", approx_kl),
-                             ("entropy", masked_mean(entropy, m))):
-                    stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+                values_now = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in
+                              (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, m))]
+                if self.ranks.world > 1:
+                    values_now = self.ranks.sum([v * share for v in values_now], mask.device)
+                for k, v in zip(stats, values_now):
+                    stats[k].append(v)
         seq_kl = float((kl * mask).sum(-1).mean())
         self.kl_ctl.update(seq_kl, n)
         seconds = time.perf_counter() - t0
@@ -223,7 +248,8 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         self.resume()
-        bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="ppo", unit="step")
+        bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="ppo", unit="step",
+                   disable=not self.ranks.is_main)
         while self.state.step < self.cfg.steps:
             m = self.step()
             bar.update(1)
@@ -233,21 +259,25 @@ class PPOTrainer:
             if self.state.step % self.cfg.save_steps == 0 or self.state.step == self.cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        self.ranks.close()
         return self.state
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    def save_checkpoint(self) -> Path | None:
+        """Written by rank 0 (weights and optimiser states are the same on every rank), with every rank's RNG."""
+        rngs = self.ranks.gather_objects(_rng_states())  # a collective: every rank takes part
         final = self.ckpt_dir / f"step-{self.state.step}"
+        if not self.ranks.is_main:
+            return None
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_dir / f".tmp-step-{self.state.step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(trainable_state(self.policy), tmp / "policy.safetensors")
         save_file(trainable_state(self.value_model), tmp / "value.safetensors")
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():  # sampling on the GPU draws from the CUDA generators
-            rng.update({f"cuda_rng_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, tmp / "rng.safetensors")
+        # rank 0's keys as a one-process run names them; rank k's with a `_rank{k}` suffix
+        save_file({(key if k == 0 else f"{key}_rank{k}"): t for k, states in enumerate(rngs) for key, t in states.items()},
+                  tmp / "rng.safetensors")
         torch.save({"policy": self.opt_policy.state_dict(), "value": self.opt_value.state_dict()}, tmp / "optim.pt")
         state = {"step": self.state.step, "history": self.state.history, "episodes": self.state.episodes,
                  "kl_controller": self.kl_ctl.state_dict(),
@@ -278,8 +308,11 @@ class PPOTrainer:
         self.opt_policy.load_state_dict(optim["policy"])
         self.opt_value.load_state_dict(optim["value"])
         rng = load_file(path / "rng.safetensors")
-        torch.set_rng_state(rng["torch_rng"])
-        cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda_rng_")), key=lambda k: int(k[9:]))]
+        suffix = f"_rank{self.ranks.rank}" if self.ranks.rank else ""
+        mine = ({k.removesuffix(suffix): t for k, t in rng.items() if k.endswith(suffix)} if suffix
+                else {k: t for k, t in rng.items() if "_rank" not in k})
+        torch.set_rng_state(mine["torch_rng"])
+        cuda_states = [mine[k] for k in sorted((k for k in mine if k.startswith("cuda_rng_")), key=lambda k: int(k[9:]))]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
         state = json.loads((path / "state.json").read_text())
@@ -290,6 +323,14 @@ class PPOTrainer:
         self.order_rng.setstate(_rng_from_json(state["order_rng"]))
         self.resumed_from = step
         return step
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (sampling on the GPU draws from the CUDA generators)."""
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda_rng_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
 
 
 def _rng_to_json(state) -> list:

@@ -1,0 +1,43 @@
+"""Kernel options (TrainingArgs `torch_compile`, `use_liger_kernel`), passed to transformers' Trainer: a compiled
+model trains to the same losses as the eager one, and Liger's kernels are refused in one line where they cannot
+run (no CUDA GPU, or liger-kernel not installed)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from refinery.config import TrainingArgs, load_params
+from refinery.data.corpus import corpus_rows
+from refinery.data.packing import PadCollator
+from refinery.errors import UserError
+from refinery.modeling.loading import load_tokenizer
+from refinery.train.trainer import run_trainer
+
+
+def test_compiled_training_matches_eager(tiny_base, prepared, tmp_path):
+    """fp32 on both sides; inductor's fused kernels sum in another order, so the losses agree to float noise
+    (~1e-6 here), far below the loss's step-to-step change (~0.1)."""
+    tok = load_tokenizer(tiny_base)
+    rows = corpus_rows(prepared / "corpus" / "train.jsonl", tok, 64, packed=True)[:16]
+    curves = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        args = TrainingArgs(max_steps=4, batch_size=4, lr=3e-3, save_steps=4, warmup_ratio=0.0, precision="fp32",
+                            torch_compile=compiled)
+        summary, trainer = run_trainer(model, rows, PadCollator(tok.pad_token_id), args, tmp_path / str(compiled),
+                                       seed=1)
+        assert trainer.args.torch_compile == compiled
+        curves[compiled] = [h["loss"] for h in summary.history]
+    assert len(curves[True]) == 4
+    assert curves[True] == pytest.approx(curves[False], abs=1e-3), curves
+    assert curves[False][0] - curves[False][-1] > 0.05, curves  # it trained, by far more than the tolerance
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_liger_without_a_gpu_is_refused(tmp_path):
+    (tmp_path / "dapt.yaml").write_text("method: lora\ntraining:\n  use_liger_kernel: true\n")
+    with pytest.raises(UserError, match=r"dapt.yaml: training.use_liger_kernel: Liger's kernels need a CUDA GPU"):
+        load_params("dapt", tmp_path)
+    (tmp_path / "dapt.yaml").write_text("method: lora\ntraining:\n  use_liger_kernel: false\n")
+    assert load_params("dapt", tmp_path).training.use_liger_kernel is False
