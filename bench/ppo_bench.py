@@ -45,8 +45,8 @@ def write_spec(path: Path, steps: int, checkpointing: bool) -> dict:
     base = load_params("base", ROOT / "params")
     tok = load_tokenizer(ROOT / "models" / "sft")
     records = [r for _, r in read_jsonl(ROOT / "data/prepared/prompts/train.jsonl")]
-    kept = [(r["prompt"], ids) for r in records if len(ids := prompt_ids(tok, r["prompt"])) <= cfg.max_prompt_tokens]
-    prompts = [ids for _, ids in kept]
+    # the prompts flows/ppo.load_inputs keeps (ours reads them itself; TRL's side gets these ids)
+    prompts = [ids for r in records if len(ids := prompt_ids(tok, r["prompt"])) <= cfg.max_prompt_tokens]
     settings = {"steps": steps, "batch_size": cfg.batch_size, "mini_batch_size": cfg.mini_batch_size,
                 "ppo_epochs": cfg.ppo_epochs, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "lr": cfg.lr, "kl_coef": cfg.init_kl_coef, "clip_range": cfg.clip_range,
@@ -54,7 +54,6 @@ def write_spec(path: Path, steps: int, checkpointing: bool) -> dict:
                 "missing_eos_penalty": cfg.missing_eos_penalty, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                 "lora_targets": list(cfg.lora.target_modules), "gradient_checkpointing": checkpointing}
     spec = {"policy": str(ROOT / "models" / "sft"), "reward": str(ROOT / "models" / "reward"), "prompts": prompts,
-            "prompt_texts": [text for text, _ in kept],  # what our reward function renders with each answer
             "settings": settings, "seed": base.seed, "threads": os.cpu_count() or 1,
             "bf16": resolve(base.precision) == "bf16"}
     path.write_text(json.dumps(spec))
@@ -62,50 +61,33 @@ def write_spec(path: Path, steps: int, checkpointing: bool) -> dict:
 
 
 def run_ours(spec_path: str) -> None:
-    """Our side, in its own process: flows/ppo.py's model set-up and PPOTrainer, without its evaluation."""
+    """Our side, in its own process: the stage's own set-up (flows/ppo.py `load_inputs`, `build_models`,
+    `make_trainer`: the models, adapters, judge, frozen bf16 weights and PPOTrainer the stage builds), without
+    its evaluation and records. Run from a scratch folder, so its checkpoints never meet the repository's."""
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from refinery.config import load_params
-    from refinery.modeling.loading import load_causal_lm, load_scalar_model, load_tokenizer
-    from refinery.modeling.methods import apply_method
-    from refinery.modeling.precision import compute_precision, store_frozen_linears
-    from refinery.rlhf.policy_eval import decode_responses, ppo_judge, rm_scores
-    from refinery.rlhf.ppo_trainer import PPOTrainer
+    from flows.ppo import build_models, load_inputs, make_trainer
+    from refinery.modeling.precision import compute_precision
 
     spec = json.loads(Path(spec_path).read_text())
     s = spec["settings"]
     torch.set_num_threads(spec["threads"])
-    cfg = load_params("ppo", ROOT / "params", {"steps": s["steps"], "save_steps": s["steps"],
-                                              "gradient_checkpointing": s["gradient_checkpointing"]})
-    tok = load_tokenizer(spec["policy"])
-    policy = load_causal_lm(spec["policy"], False, method=cfg)
-    policy.config.use_cache = True
-    value = load_scalar_model(spec["reward"], False, cfg)
-    if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable()
-        value.activation_checkpointing_enable()
-    policy = apply_method(policy, cfg, "CAUSAL_LM", spec["policy"], seed=spec["seed"])
-    value = apply_method(value, cfg, "SEQ_CLS", spec["reward"], seed=spec["seed"])
-    judge = ppo_judge(value, cfg.method, spec["reward"], False, None)
-    precision = "bf16" if spec["bf16"] else "fp32"
-    for m in (policy, value):
-        store_frozen_linears(m, precision)
-    prompts = spec["prompts"]
-    texts = spec["prompt_texts"]  # the RM renders (prompt, answer) in the chat template, as flows/ppo.py does
-
-    def reward_fn(idx, r):
-        return rm_scores(judge, tok, [texts[i] for i in idx], decode_responses(tok, r))
-
     ends: list[float] = []
     tokens: list[float] = []
-    with tempfile.TemporaryDirectory() as ckpt, compute_precision(precision):
-        trainer = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, Path(ckpt), spec["seed"],
-                             on_step=lambda step, m, r: (ends.append(time.perf_counter()),
-                                                         tokens.append(m["response_length"])))
-        t0 = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)  # checkpoints/ppo/<hash>/ lands here, not under the repository
+        job = load_inputs(str(ROOT / "params"), spec["policy"], spec["reward"], str(ROOT / "data" / "prepared"),
+                          {"steps": s["steps"], "save_steps": s["steps"],
+                           "gradient_checkpointing": s["gradient_checkpointing"]})
+        m = build_models(job)
+        with compute_precision(m.precision):
+            trainer = make_trainer(job, m, on_step=lambda step, metrics, r: (ends.append(time.perf_counter()),
+                                                                             tokens.append(metrics["response_length"])))
+            t0 = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - t0
+        os.chdir(ROOT)
     steps = len(ends)
     steady = (ends[-1] - ends[0]) / (steps - 1) if steps > 1 else None
     print("RESULT " + json.dumps({
@@ -113,7 +95,7 @@ def run_ours(spec_path: str) -> None:
         "steady_episodes_per_second": s["batch_size"] / steady if steady else None,
         "mean_response_tokens": sum(tokens) / len(tokens),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "value_model": f"{cfg.method} (the reward model = the value model with its adapter off)"}))
+        "value_model": f"{job.cfg.method} (the reward model = the value model with its adapter off)"}))
 
 
 def one(cmd: list[str]) -> dict:
