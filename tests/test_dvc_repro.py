@@ -92,11 +92,10 @@ def test_deployed_pipeline_through_a_worker(repo, server):
     for r in (run, queued):
         assert r.state.is_completed(), f"{r.state.name}: {r.state.message}\n{(root / 'worker.log').read_text()[-4000:]}"
     assert queued.start_time >= run.end_time, (run.end_time, queued.start_time)  # it waited, it did not collide
-    stage_names = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
-    assert task_states(url, queued_id, stage_names) == {s: "Skipped" for s in stage_names}  # nothing left to do
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    assert task_states(url, queued_id, stages) == {s: "Skipped" for s in stages}  # nothing left to do
     assert scheduled_runs(url, "pipeline-weekly"), "the weekly schedule created no scheduled run (server.log)"
 
-    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     subflows, artifacts = subflows_and_artifacts(url, run_id)
     assert sorted(subflows.values()) == sorted(flow_name(s) for s in stages)
     for sub_id, name in subflows.items():

@@ -17,11 +17,11 @@ CPU, NCCL on CUDA, each rank on its own GPU.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from refinery.ops.distributed import world_size
 from refinery.rlhf.rollout import Rollout
 
 
@@ -33,7 +33,7 @@ class Ranks:
     @classmethod
     def from_environment(cls) -> "Ranks":
         """The ranks torchrun started (WORLD_SIZE/RANK), with the process group up; one rank otherwise."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if world_size() <= 1:
             return cls()
         from accelerate import PartialState
 
@@ -59,11 +59,11 @@ class Ranks:
         from accelerate.utils import gather, pad_across_processes
 
         prompt, response = r.sequences[:, :r.prompt_width], r.sequences[:, r.prompt_width:]
-        prompt_mask, pad = r.attention_mask[:, :r.prompt_width], pad_id
+        prompt_mask = r.attention_mask[:, :r.prompt_width]
         # left-pad prompts (pad_first) and right-pad responses to the widest on any rank
-        prompt = gather(pad_across_processes(prompt, dim=1, pad_index=pad, pad_first=True))
+        prompt = gather(pad_across_processes(prompt, dim=1, pad_index=pad_id, pad_first=True))
         prompt_mask = gather(pad_across_processes(prompt_mask, dim=1, pad_index=0, pad_first=True))
-        response = gather(pad_across_processes(response, dim=1, pad_index=pad))
+        response = gather(pad_across_processes(response, dim=1, pad_index=pad_id))
         response_mask = gather(pad_across_processes(r.response_mask, dim=1, pad_index=0))
         width = prompt.shape[1]
         merged = Rollout(torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1), response_mask,

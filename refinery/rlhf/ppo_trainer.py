@@ -197,17 +197,15 @@ class PPOTrainer:
                 mb = self.ranks.mini_batch_share(whole)
                 sub, m = r.select(mb), mask[mb]
                 # this rank's share of the mini-batch's response tokens: the losses are token means, so the
-                # ranks' weighted means, averaged, are the mean over the whole mini-batch
-                share = float(m.sum() / mask[whole].sum()) if self.ranks.world > 1 else 1.0
+                # ranks' weighted means, averaged, are the mean over the whole mini-batch (one rank: exactly 1)
+                share = float(m.sum() / mask[whole].sum())
                 logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
                 vpred = self.value_of(sub)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
                                                                    cfg.clip_range)
                 vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
                                                           cfg.clip_range_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if self.ranks.world > 1:
-                    loss = loss * (share * self.ranks.world)
+                loss = (pg_loss + cfg.vf_coef * vf_loss) * (share * self.ranks.world)
                 self.opt_policy.zero_grad()
                 self.opt_value.zero_grad()
                 loss.backward()
@@ -217,8 +215,7 @@ class PPOTrainer:
                     opt.step()
                 values_now = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in
                               (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, m))]
-                if self.ranks.world > 1:
-                    values_now = self.ranks.sum([v * share for v in values_now], mask.device)
+                values_now = self.ranks.sum([v * share for v in values_now], mask.device)
                 for k, v in zip(stats, values_now):
                     stats[k].append(v)
         seq_kl = float((kl * mask).sum(-1).mean())
