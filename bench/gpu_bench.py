@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -70,9 +72,13 @@ MODEL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
                 rms_norm_eps=1e-5, tie_word_embeddings=False)  # LLaMA-2-7B
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-CASES = ("sft-ours", "sft-trl", "reward-ours", "reward-trl")
+BASE_CASES = ("sft-ours", "sft-trl", "reward-ours", "reward-trl")
+# Liger's Triton kernels (fused RMSNorm, RoPE, SwiGLU; for SFT also the fused linear cross-entropy), switched on the
+# way each side's users do: our `training.use_liger_kernel: true`, TRL's `use_liger_kernel=True` (CUDA only)
+LIGER_CASES = ("sft-ours-liger", "sft-trl-liger", "reward-ours-liger", "reward-trl-liger")
+CASES = BASE_CASES + LIGER_CASES
 # first guesses of each task's seconds on an H100/H200; replaced by measured times as the run goes on
-EST = {"sft-ours": 30, "sft-trl": 35, "reward-ours": 30, "reward-trl": 35, "qlora-7b": 150, "ppo": 60, "profile": 25}
+EST = {**{c: 30 for c in CASES}, "qlora-7b": 150, "ppo": 60, "profile": 25}
 
 
 class Ctx:
@@ -86,7 +92,10 @@ class Ctx:
         self.device = "cuda" if self.cuda else "cpu"
         self.seq = 128 if args.tiny else SEQ
         self.qlora_seq = 128 if args.tiny else QLORA_SEQ
-        self.warmup, self.timed = (1, 2) if args.tiny else (WARMUP, TIMED)
+        self.warmup, self.timed = (1, 2) if args.tiny else (WARMUP, args.timed)
+        # Liger's kernels are Triton kernels for CUDA: their cases run where both are there
+        self.liger = self.cuda and importlib.util.find_spec("liger_kernel") is not None and not args.no_liger
+        self.cases = BASE_CASES + (LIGER_CASES if self.liger else ())
         self.qwarm, self.qtimed = (1, 2) if args.tiny else (QLORA_WARMUP, QLORA_TIMED)
         self.steps = self.warmup + self.timed
         self.model_cfg = dict(TINY if args.tiny else MODEL_1B)
@@ -293,7 +302,8 @@ def finish(case: str, ctx: Ctx, meter, trainer, fpt_tokens_per_row: float, pairs
            "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)), "bf16_autocast": bool(trainer.args.bf16),
            "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
            "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
-           "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+           "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+           "liger": bool(getattr(trainer.args, "use_liger_kernel", False))}
     if pairs and res.get("timed_rows") is not None:
         res["pairs_per_second"] = round(res["timed_rows"] / 2 / res["timed_seconds"], 3)
     # the same model FLOPs per token for both sides of a comparison: T = the mean sequence length of *our* layout
@@ -307,7 +317,8 @@ def finish(case: str, ctx: Ctx, meter, trainer, fpt_tokens_per_row: float, pairs
 # ---------------------------------------------------------------------------------------------------------------
 # the four 1B cases
 # ---------------------------------------------------------------------------------------------------------------
-def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: int | None = None) -> dict:
+def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: int | None = None,
+                  liger: bool = False) -> dict:
     from transformers import Trainer
 
     from refinery.config import MethodParams
@@ -326,9 +337,9 @@ def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps:
     if prof:
         cbs.insert(0, prof.cb)
     summary, trainer = run_trainer(model, rows, B.CountingCollator(PadCollator(tok.pad_token_id)),
-                                   B.our_targs(steps or ctx.steps, SFT_ROWS, LR), ctx.work / "ckpt-sft-ours", SEED,
+                                   our_targs(steps or ctx.steps, SFT_ROWS, liger), ctx.work / "ckpt-sft-ours", SEED,
                                    trainer_cls=B.metered(Trainer, meter), count_tokens="all", callbacks=cbs)
-    res = finish("sft-ours", ctx, meter, trainer, stats["row_tokens"] / stats["rows"], False,
+    res = finish("sft-ours" + "-liger" * liger, ctx, meter, trainer, stats["row_tokens"] / stats["rows"], False,
                  {"allocated_at_start_mb": round(start, 1), "model_mb": model_mb,
                   "batch_shape_tokens_incl_padding": summary.tokens, "data": stats})
     if prof:
@@ -336,7 +347,8 @@ def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps:
     return res
 
 
-def case_sft_trl(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: int | None = None) -> dict:
+def case_sft_trl(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: int | None = None,
+                 liger: bool = False) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -353,7 +365,7 @@ def case_sft_trl(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: 
     meter = B.Meter()
     args = SFTConfig(**B.training_kwargs(steps or ctx.steps, SFT_ROWS, LR, ctx.work / "ckpt-sft-trl", "all"),
                      max_length=ctx.seq, packing=True, packing_strategy="bfd", padding_free=True,
-                     completion_only_loss=True, dataset_num_proc=None)
+                     completion_only_loss=True, dataset_num_proc=None, use_liger_kernel=liger)
     cbs = callbacks(meter)
     prof = Profiler(*profile_steps) if profile_steps else None
     if prof:
@@ -374,7 +386,7 @@ def case_sft_trl(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: 
                      f"{stats['trl_bin_loss_tokens']} loss tokens vs ours {stats['row_tokens']} / "
                      f"{stats['row_loss_tokens']}")
     trainer.train()
-    res = finish("sft-trl", ctx, meter, trainer, stats["row_tokens"] / stats["rows"], False,
+    res = finish("sft-trl" + "-liger" * liger, ctx, meter, trainer, stats["row_tokens"] / stats["rows"], False,
                  {"allocated_at_start_mb": round(start, 1), "model_mb": model_mb, "data": stats, "notes": notes,
                   "flattened_row_tokens_median": statistics.median(meter.row_lengths) if meter.row_lengths else None})
     if prof:
@@ -382,7 +394,7 @@ def case_sft_trl(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps: 
     return res
 
 
-def case_reward_ours(ctx: Ctx) -> dict:
+def case_reward_ours(ctx: Ctx, liger: bool = False) -> dict:
     from refinery.config import MethodParams
     from refinery.modeling.methods import apply_method
     from refinery.train.reward_model import BradleyTerryTrainer, PairCollator
@@ -394,14 +406,14 @@ def case_reward_ours(ctx: Ctx) -> dict:
     model = apply_method(build_model(ctx, "seqcls"), MethodParams(method="full"), "SEQ_CLS", seed=SEED)
     model_mb = gpu_mb()
     meter = B.Meter()
-    summary, trainer = run_trainer(model, rows, PairCollator(tok.pad_token_id), B.our_targs(ctx.steps, RM_PAIRS, LR),
+    summary, trainer = run_trainer(model, rows, PairCollator(tok.pad_token_id), our_targs(ctx.steps, RM_PAIRS, liger),
                                    ctx.work / "ckpt-reward-ours", SEED, trainer_cls=B.metered(BradleyTerryTrainer, meter),
                                    count_tokens="non_padding", callbacks=callbacks(meter), margin=0.0)
-    return finish("reward-ours", ctx, meter, trainer, stats["mean_tokens_per_sequence"], True,
+    return finish("reward-ours" + "-liger" * liger, ctx, meter, trainer, stats["mean_tokens_per_sequence"], True,
                   {"allocated_at_start_mb": round(start, 1), "model_mb": model_mb, "data": stats})
 
 
-def case_reward_trl(ctx: Ctx) -> dict:
+def case_reward_trl(ctx: Ctx, liger: bool = False) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -416,7 +428,8 @@ def case_reward_trl(ctx: Ctx) -> dict:
     model_mb = gpu_mb()
     meter = B.Meter()
     args = RewardConfig(**B.training_kwargs(ctx.steps, RM_PAIRS, LR, ctx.work / "ckpt-reward-trl", "non_padding"),
-                        max_length=ctx.seq, center_rewards_coefficient=None, dataset_num_proc=None)
+                        max_length=ctx.seq, center_rewards_coefficient=None, dataset_num_proc=None,
+                        use_liger_kernel=liger)
     trainer = B.metered(RewardTrainer, meter)(model=model, args=args, train_dataset=Dataset.from_list(data),
                                               processing_class=tok, callbacks=callbacks(meter))
     assert not trainer.args.gradient_checkpointing and trainer.args.bf16 == (ctx.precision == "bf16")
@@ -425,12 +438,18 @@ def case_reward_trl(ctx: Ctx) -> dict:
         list(a) == b["chosen"] and list(c) == b["rejected"] for a, c, b in zip(ds["chosen_ids"], ds["rejected_ids"], ours))
     notes = [] if stats["same_token_ids_as_ours"] else ["TRL's tokenized pairs differ from ours"]
     trainer.train()
-    return finish("reward-trl", ctx, meter, trainer, stats["mean_tokens_per_sequence"], True,
+    return finish("reward-trl" + "-liger" * liger, ctx, meter, trainer, stats["mean_tokens_per_sequence"], True,
                   {"allocated_at_start_mb": round(start, 1), "model_mb": model_mb, "data": stats, "notes": notes})
 
 
 CASE_FNS = {"sft-ours": case_sft_ours, "sft-trl": case_sft_trl, "reward-ours": case_reward_ours,
             "reward-trl": case_reward_trl}
+CASE_FNS.update({f"{c}-liger": functools.partial(CASE_FNS[c], liger=True) for c in BASE_CASES})
+
+
+def our_targs(steps: int, batch: int, liger: bool):
+    """bench.our_targs (the TrainingArgs both sides share) with our `training.use_liger_kernel`."""
+    return B.our_targs(steps, batch, LR).model_copy(update={"use_liger_kernel": liger})
 
 
 class RowMeter(B.Meter):
@@ -548,51 +567,71 @@ def case_qlora_7b(ctx: Ctx) -> dict:
     return res
 
 
-def case_ppo(ctx: Ctx) -> dict:
+def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
+    """The ppo stage's PPO at the 1B size, as flows/ppo.py `build_models` + `make_trainer` set it up for `method:
+    lora` (that module imports Prefect, which the device machine lacks, so the same steps are spelled out here, in
+    its order): the policy (random 1B causal LM, KV cache on) and the value model (random 1B scalar-head model),
+    gradient checkpointing on both (params/ppo.yaml's default), LoRA from params/ppo.yaml on both, the reference =
+    the policy with its adapter off, the reward model = the value model with its adapter off (ppo_judge), frozen
+    linears held in the compute dtype (store_frozen_linears), everything under compute_precision. The reward is the
+    judge's real forward over the decoded answers (rm_scores), as the stage's reward_fn does."""
     import torch
 
-    from refinery.config import LoraArgs, MethodParams, load_params
+    from refinery.config import load_params
     from refinery.data.chat import prompt_ids
     from refinery.data.records import read_jsonl
     from refinery.modeling.methods import apply_method
+    from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
+    from refinery.rlhf.policy_eval import decode_responses, ppo_judge, rm_scores
     from refinery.rlhf.ppo_trainer import PPOTrainer
 
     tok = ctx.tokenizer()
-    base = load_params("ppo")
-    recs = [r for _, r in read_jsonl(ctx.data_dir / "prompts" / "train.jsonl")]
-    prompts = [prompt_ids(tok, r["prompt"]) for r in recs]
-    prompts = [p for p in prompts if len(p) <= base.max_prompt_tokens] or prompts
-    method = MethodParams(method="lora", lora=LoraArgs(r=16, alpha=32, dropout=0.0))
-    start = gpu_reset()
-    policy = apply_method(build_model(ctx, "causal"), method, "CAUSAL_LM", seed=SEED)
-    value = apply_method(build_model(ctx, "seqcls"), method, "SEQ_CLS", seed=SEED)
-    emb = policy.get_input_embeddings().weight.detach().float()
-    table = emb @ torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(7)).to(emb.device)
-    table = (table - table.mean()) / table.std()
-
-    def reward_fn(idx, rollout):  # a dense rule reward on the GPU (as bench/gpu_check.py): no reward-model forward
-        return (table[rollout.responses] * rollout.response_mask).sum(-1) / rollout.response_mask.sum(-1)
-
     steps = 3 if ctx.tiny else 4
     upd = dict(steps=steps, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16 if ctx.tiny else 64,
                save_steps=steps, keep_checkpoints=1, method="lora")
-    cfg = base.model_copy(update=upd)
+    cfg = load_params("ppo").model_copy(update=upd)
+    recs = [r for _, r in read_jsonl(ctx.data_dir / "prompts" / "train.jsonl")]
+    keep = [i for i, r in enumerate(recs) if len(prompt_ids(tok, r["prompt"])) <= cfg.max_prompt_tokens] or list(
+        range(len(recs)))
+    recs = [recs[i] for i in keep]
+    prompts = [prompt_ids(tok, r["prompt"]) for r in recs]
+    start = gpu_reset()
+    torch.manual_seed(SEED)
+    policy, value = build_model(ctx, "causal"), build_model(ctx, "seqcls")
+    policy.config.use_cache = True
+    if cfg.gradient_checkpointing:
+        for m in (policy, value):
+            m.activation_checkpointing_enable()
+    policy = apply_method(policy, cfg, "CAUSAL_LM", seed=SEED)
+    value = apply_method(value, cfg, "SEQ_CLS", seed=SEED)
+    judge = ppo_judge(value, cfg.method, "", False, None)
+    prec = resolve(precision)
+    freed = sum(store_frozen_linears(m, prec) for m in (policy, value))
+    at_rest = gpu_mb()
+
+    def reward_fn(idx, rollout):
+        answers = decode_responses(tok, rollout)
+        return rm_scores(judge, tok, [recs[i]["prompt"] for i in idx], answers).to(rollout.sequences.device)
+
     gpu_reset()
-    state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / "ppo", seed=SEED).train()
+    with compute_precision(prec):
+        state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / f"ppo-{prec}", seed=SEED).train()
     h = state.history
     later = h[1:] or h
-    return {"case": "ppo", "allocated_at_start_mb": round(start, 1), "steps": len(h),
-            "settings": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                                                      "temperature")},
-            "prompt_tokens_median": statistics.median(len(p) for p in prompts), "prompts": len(prompts),
-            "episodes_per_second_per_step": [round(x["episodes_per_second"], 3) for x in h],
-            "episodes_per_second_median_after_step1": round(statistics.median(x["episodes_per_second"] for x in later), 3),
-            "generated_tokens_per_second_median_after_step1": round(
-                statistics.median(x["tokens_per_second"] for x in later), 1),
-            "response_length_mean": round(statistics.mean(x["response_length"] for x in h), 1),
-            "step_seconds": [round(x["seconds"], 3) for x in h], "peak_gpu_mb": gpu_mb("peak"),
-            "reward_first_last": [h[0]["reward_mean"], h[-1]["reward_mean"]],
-            "precision": "fp32 (our PPO loop has no autocast)"}
+    res = {"case": f"ppo-{prec}", "precision": prec, "allocated_at_start_mb": round(start, 1), "steps": len(h),
+           "settings": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                                                     "temperature", "gradient_checkpointing")},
+           "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules)},
+           "prompt_tokens_median": statistics.median(len(p) for p in prompts), "prompts": len(prompts),
+           "frozen_weights_16bit_mb": round(freed / 2**20, 1), "models_at_rest_mb": at_rest,
+           "episodes_per_second_per_step": [round(x["episodes_per_second"], 3) for x in h],
+           "episodes_per_second_median_after_step1": round(statistics.median(x["episodes_per_second"] for x in later), 3),
+           "generated_tokens_per_second_median_after_step1": round(
+               statistics.median(x["tokens_per_second"] for x in later), 1),
+           "response_length_mean": round(statistics.mean(x["response_length"] for x in h), 1),
+           "step_seconds": [round(x["seconds"], 3) for x in h], "peak_gpu_mb": gpu_mb("peak"),
+           "reward_first_last": [h[0]["reward_mean"], h[-1]["reward_mean"]]}
+    return res
 
 
 class Profiler:
@@ -705,10 +744,11 @@ def without_annotations(p: dict) -> dict:
 
 
 def profile_case(case: str):
-    fn = {"sft-ours": case_sft_ours, "sft-trl": case_sft_trl}[case]
+    fn = {"sft-ours": case_sft_ours, "sft-trl": case_sft_trl}[case.removesuffix("-liger")]
 
     def run_profile(ctx: Ctx) -> dict:
-        res = fn(ctx, profile_steps=(ctx.warmup + 1, ctx.warmup + 2), steps=ctx.warmup + 2)
+        res = fn(ctx, profile_steps=(ctx.warmup + 1, ctx.warmup + 2), steps=ctx.warmup + 2,
+                 liger=case.endswith("-liger"))
         return {"case": f"profile {case}", **res.get("profile", {}), "tokens_per_step": round(
             res["timed_tokens"] / max(res["timed_steps"], 1)) if res.get("timed_steps") else None}
 
@@ -729,6 +769,7 @@ def machine(ctx: Ctx) -> dict:
         m["bitsandbytes"] = bitsandbytes.__version__
     except Exception:  # noqa: BLE001 - absent on CPU machines
         m["bitsandbytes"] = None
+    m["liger_kernel"] = importlib.metadata.version("liger-kernel") if importlib.util.find_spec("liger_kernel") else None
     import refinery
 
     m["refinery_from"] = str(Path(refinery.__file__).resolve().parent)
@@ -830,7 +871,7 @@ def run(args) -> int:
         return r
 
     def round_of_cases(rep: int):
-        for case in CASES:
+        for case in ctx.cases:
             r = task(f"{case}#{rep}", CASE_FNS[case], case)
             if r is not None:
                 r["repeat"] = rep
@@ -841,9 +882,10 @@ def run(args) -> int:
         ctx.sft, ctx.pairs  # noqa: B018 - data first (tokenisation outside every timing)
         results["data"] = {"sft": ctx.sft[2], "pairs": ctx.pairs[2]}
         results["model_vocab"], results["model_params"] = model_size(ctx)
-        plan = ["r1", "qlora", *[f"r{i}" for i in range(2, args.repeats + 1)], "profile", "ppo"]
-        if args.repeats < 1:
-            plan = ["qlora", "profile", "ppo"]
+        # what matters most first: three rounds, PPO in the stage's precision, the other rounds, the profiles, PPO
+        # in fp32 (its memory against bf16), QLoRA 7B; the budget skips what would not fit, and says so
+        rounds = [f"r{i}" for i in range(1, args.repeats + 1)]
+        plan = [*rounds[:3], "ppo", *rounds[3:], "profile", "ppo-fp32", "qlora"]
         results["profiles"] = {}
         for step in plan:
             if step.startswith("r"):
@@ -851,10 +893,12 @@ def run(args) -> int:
             elif step == "qlora" and not args.skip_qlora:
                 results["qlora_7b"] = (task("qlora-7b", case_qlora_7b, "qlora-7b")
                                        or {"skipped": results["skipped"].get("qlora-7b")})
-            elif step == "ppo" and not args.skip_ppo:
-                results["ppo"] = task("ppo", case_ppo, "ppo") or {"skipped": results["skipped"].get("ppo")}
+            elif step.startswith("ppo") and not args.skip_ppo:
+                prec = "fp32" if step == "ppo-fp32" else "auto"
+                r = task(step, functools.partial(case_ppo, precision=prec), "ppo")
+                results.setdefault("ppo_runs", {})[step] = r or {"skipped": results["skipped"].get(step)}
             elif step == "profile" and not args.skip_profile:
-                for case in ("sft-ours", "sft-trl"):
+                for case in ("sft-ours-liger", "sft-trl-liger") if ctx.liger else ("sft-ours", "sft-trl"):
                     results["profiles"][case] = (task(f"profile {case}", profile_case(case), "profile")
                                                  or {"skipped": results["skipped"].get(f"profile {case}")})
             save()
@@ -871,6 +915,14 @@ def run(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # summary and report (every number in RESULTS-gpu.md comes from results-gpu.json through these functions)
 # ---------------------------------------------------------------------------------------------------------------
+# (name, our case, TRL case, rate): each side as shipped; both with Liger; ours with Liger against TRL as shipped
+COMPARISONS = tuple((f"{fam}{tag}", f"{fam}-ours{a}", f"{fam}-trl{b}", key)
+                    for fam, key in (("sft", "tokens_per_second"), ("reward", "pairs_per_second"))
+                    for tag, a, b in (("", "", ""), ("-liger", "-liger", "-liger"), ("-liger-vs-default", "-liger", "")))
+COMPARISON_LABELS = {"": "as shipped (no Liger on either side)", "-liger": "both with Liger",
+                     "-liger-vs-default": "ours with Liger / TRL as shipped"}
+
+
 def summarise(results: dict) -> dict:
     summ: dict = {}
     for case, runs in results.get("runs", {}).items():
@@ -885,8 +937,7 @@ def summarise(results: dict) -> dict:
             s["spread_pct"] = round(100 * (tps["max"] - tps["min"]) / tps["median"], 1)
             s["tokens_per_step"] = round(statistics.median(r["timed_tokens"] / r["timed_steps"] for r in ok))
         summ[case] = s
-    for fam, ours, trl, key in (("sft", "sft-ours", "sft-trl", "tokens_per_second"),
-                                ("reward", "reward-ours", "reward-trl", "pairs_per_second")):
+    for fam, ours, trl, key in COMPARISONS:
         a, b = summ.get(ours, {}).get(key), summ.get(trl, {}).get(key)
         if a and b:
             ra = {r["repeat"]: r.get(key) for r in results["runs"][ours] if r.get(key)}
@@ -925,7 +976,8 @@ def report_lines(results: dict) -> list[str]:
                                                    f"{m.get('driver')}" if m.get("gpu_memory_gb") else "")
              + f"; CPU {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM",
              f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, peft "
-             f"{m['peft']}, bitsandbytes {m.get('bitsandbytes')}; our code from `{m.get('refinery_from')}`"
+             f"{m['peft']}, bitsandbytes {m.get('bitsandbytes')}, liger-kernel {m.get('liger_kernel')}; our code from "
+             f"`{m.get('refinery_from')}`"
              + (f" ({m['snapshot']})" if m.get("snapshot") else ""),
              f"- MFU peak: **{fmt(peak / 1e12 if peak else None, 1)} TFLOP/s** (dense bf16, H100/H200 SXM datasheet; "
              f"bench.py `PEAK_BF16_FLOPS`). Measured bf16 8192³ matrix product on this GPU: "
@@ -964,14 +1016,16 @@ def report_lines(results: dict) -> list[str]:
                      f"{fmt(mem['max'], 0) if mem else '–'} | {fmt(s['tokens_per_step'])} | "
                      f"{fmt(s['step_seconds_timed_median']['median'], 3) if s.get('step_seconds_timed_median') else '–'} |")
     lines.append("")
-    for fam, label in (("sft", "SFT tokens/s"), ("reward", "reward pairs/s")):
-        r = summ.get(f"{fam}_ratio")
+    for name, ours, trl, _ in COMPARISONS:
+        fam = name.split("-")[0]
+        label = ("SFT tokens/s" if fam == "sft" else "reward pairs/s") + ", " + COMPARISON_LABELS[name[len(fam):]]
+        r = summ.get(f"{name}_ratio")
         if r:
             goal = "meets" if r["median_over_median"] >= 1.3 else "misses"
-            lines.append(f"- {label}, ours / TRL: **{r['median_over_median']:.2f}×** (median over median; per paired "
-                         f"run: {', '.join(f'{x:.2f}' for x in r['paired'])}); {goal} the 1.3× goal.")
-        else:
-            lines.append(f"- {label}, ours / TRL: n/a (a side has no successful run)")
+            lines.append(f"- {label}, {ours} / {trl}: **{r['median_over_median']:.2f}×** (median over median; per "
+                         f"paired run: {', '.join(f'{x:.2f}' for x in r['paired'])}); {goal} the 1.3× goal.")
+        elif ours in results["runs"] or name == fam:
+            lines.append(f"- {label}, {ours} / {trl}: n/a (a side has no successful run)")
     mf = [(c, summ[c]["mfu"]["median"]) for c in CASES if summ.get(c, {}).get("mfu")]
     if mf:
         lines.append("- MFU (goal ≥ 40%): " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in mf) + ". MFU = timed tokens/s "
@@ -979,7 +1033,7 @@ def report_lines(results: dict) -> list[str]:
                      f"{n1b}), with T our rows' mean length for both sides of a comparison, so MFU ratios equal "
                      "throughput ratios.")
     lines += profile_split_lines(results) + detail_lines(results, summ) + [""]
-    lines += qlora_lines(results.get("qlora_7b")) + [""] + ppo_lines(results.get("ppo")) + [""]
+    lines += qlora_lines(results.get("qlora_7b")) + [""] + ppo_lines(results) + [""]
     for case, prof in (results.get("profiles") or {"sft-ours": results.get("profile")}).items():
         lines += profile_lines(prof, case) + [""]
     if results.get("skipped"):
@@ -1009,8 +1063,9 @@ def _params(results):
 def profile_split_lines(results: dict) -> list[str]:
     """Attention vs everything else on the GPU, ours and TRL's SFT, from the two profiles (when both ran)."""
     profs = results.get("profiles") or {}
+    pair = ("sft-ours-liger", "sft-trl-liger") if "sft-ours-liger" in profs else ("sft-ours", "sft-trl")
     a, b = (without_annotations(profs[c]) if isinstance(profs.get(c), dict) and profs[c].get("by_family_seconds") else None
-            for c in ("sft-ours", "sft-trl"))
+            for c in pair)
     if not (a and b):
         return []
 
@@ -1149,27 +1204,41 @@ def qlora_lines(q: dict | None) -> list[str]:
     return out
 
 
-def ppo_lines(p: dict | None) -> list[str]:
-    out = ["## 3. PPO at ~1B with LoRA (our PPOTrainer)", ""]
-    if not p:
-        return out + ["Not run."]
-    if p.get("skipped"):
-        return out + [f"Not run: {p['skipped']}"]
-    if p.get("error"):
-        return out + [f"**Failed**: `{p['error']}`"]
-    s = p["settings"]
-    return out + [f"Policy and value model: the 1B model above (random weights, {p['precision']}), LoRA r=16 "
-                  "on both; reference = the policy with its adapter off; reward = a dense rule on the sampled tokens "
-                  f"(no reward-model forward). {s['batch_size']} prompts per step (median prompt "
-                  f"{fmt(p.get('prompt_tokens_median'))} tokens, {p.get('prompts')} demo prompts), "
-                  f"{s['max_new_tokens']} new tokens, mini-batch {s['mini_batch_size']}, {s['ppo_epochs']} PPO epochs, "
-                  f"{p['steps']} steps.", "",
-                  "| episodes/s (median, steps 2..N) | generated tokens/s | mean response length | step seconds "
-                  "| peak GPU memory MiB |",
-                  "|---:|---:|---:|---|---:|",
-                  f"| {fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
-                  f"{fmt(p.get('generated_tokens_per_second_median_after_step1'))} | {fmt(p.get('response_length_mean'))} | "
-                  f"{', '.join(str(x) for x in p.get('step_seconds', []))} | {fmt(p.get('peak_gpu_mb'), 0)} |"]
+def ppo_lines(results: dict) -> list[str]:
+    out = ["## 3. PPO at ~1B with LoRA (the ppo stage's set-up)", ""]
+    runs = results.get("ppo_runs") or ({"ppo": results["ppo"]} if results.get("ppo") else {})
+    done = [p for p in runs.values() if p.get("steps")]
+    notes = [f"- {name}: " + (f"not run: {p['skipped']}" if p.get("skipped") else f"**failed**: `{p['error']}`")
+             for name, p in runs.items() if p.get("skipped") or p.get("error")]
+    out += notes + ([""] if notes else [])
+    if not done:
+        return out + ([] if runs else ["Not run."])
+    s, first = done[0]["settings"], done[0]
+    out += ["Policy: the 1B causal model above; value model: the same shape with a scalar head (random weights); LoRA "
+            f"r={first.get('lora', {}).get('r', 16)} on both "
+            f"({', '.join(first.get('lora', {}).get('targets', [])) or 'q, k, v, o, gate, up, down'}); reference = the "
+            "policy with its adapter off; reward model = the value model with its adapter off, scoring the decoded "
+            "answers (its real forward, as the stage's reward_fn); gradient checkpointing "
+            f"{'on' if s.get('gradient_checkpointing') else 'off'} (params/ppo.yaml); frozen linear weights held in the "
+            "compute dtype under bf16 (`store_frozen_linears`). "
+            f"{s['batch_size']} prompts per step (median prompt {fmt(first.get('prompt_tokens_median'))} tokens, "
+            f"{first.get('prompts')} demo prompts), {s['max_new_tokens']} new tokens, mini-batch {s['mini_batch_size']}, "
+            f"{s['ppo_epochs']} PPO epochs, {first['steps']} steps. Peak GPU memory is `max_memory_allocated` over the "
+            "training, the models included.", "",
+            "| precision | episodes/s (median, steps 2..N) | generated tokens/s | mean response length | step seconds "
+            "| models at rest MiB | frozen weights in 16 bits MiB | peak GPU memory MiB |",
+            "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for p in done:
+        out.append(f"| {p.get('precision', 'fp32')} | {fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
+                   f"{fmt(p.get('generated_tokens_per_second_median_after_step1'))} | {fmt(p.get('response_length_mean'))} | "
+                   f"{', '.join(str(x) for x in p.get('step_seconds', []))} | {fmt(p.get('models_at_rest_mb'), 0)} | "
+                   f"{fmt(p.get('frozen_weights_16bit_mb'), 0)} | {fmt(p.get('peak_gpu_mb'), 0)} |")
+    by = {p.get("precision"): p for p in done}
+    if by.get("bf16", {}).get("peak_gpu_mb") and by.get("fp32", {}).get("peak_gpu_mb"):
+        b16, f32 = by["bf16"], by["fp32"]
+        out += ["", f"- bf16 / fp32: peak memory {b16['peak_gpu_mb'] / f32['peak_gpu_mb']:.2f}×, episodes/s "
+                f"{b16['episodes_per_second_median_after_step1'] / f32['episodes_per_second_median_after_step1']:.2f}×."]
+    return out
 
 
 def profile_lines(p: dict | None, case: str = "sft-ours") -> list[str]:
@@ -1253,6 +1322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per 1B case (default 5)")
     ap.add_argument("--budget-s", type=float, default=390.0,
                     help="stop starting new tasks when they would not end within this many seconds of the start")
+    ap.add_argument("--timed", type=int, default=TIMED, help=f"timed steps per 1B run (default {TIMED})")
+    ap.add_argument("--no-liger", action="store_true", help="leave out the Liger-kernel cases")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 128-token rows, 3 steps: a smoke test")
     ap.add_argument("--skip-qlora", action="store_true")
     ap.add_argument("--skip-ppo", action="store_true")
