@@ -182,6 +182,10 @@ def run_trainer(model, train_dataset, collator, targs: TrainingArgs, ckpt_dir: P
     extra_callbacks = list(callbacks or [])
     if monitored and targs.early_stopping_patience > 0:
         extra_callbacks.append(EarlyStoppingCallback(early_stopping_patience=targs.early_stopping_patience))
+    if targs.use_liger_kernel:  # a scalar-head model gets Liger's layer kernels here, not Trainer's patch
+        from refinery.modeling.kernels import liger_for_trainer
+
+        targs = targs.model_copy(update={"use_liger_kernel": liger_for_trainer(model, True)})
     args = training_arguments(targs, ckpt_dir, seed, count_tokens, args_cls,
                               **(monitoring_arguments(targs) if monitored else {}), **(args_extra or {}))
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset,
