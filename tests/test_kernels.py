@@ -41,3 +41,27 @@ def test_liger_without_a_gpu_is_refused(tmp_path):
         load_params("dapt", tmp_path)
     (tmp_path / "dapt.yaml").write_text("method: lora\ntraining:\n  use_liger_kernel: false\n")
     assert load_params("dapt", tmp_path).training.use_liger_kernel is False
+
+
+def test_liger_patches_a_scalar_head_models_layers_not_its_forward(tiny_base, monkeypatch):
+    """liger-kernel 0.8.5's instance patch (what Trainer's use_liger_kernel calls) gives a
+    *ForSequenceClassification model its causal-LM forward, which fails on `lm_head` (measured on an H200): a
+    scalar-head model gets the layer kernels without the fused cross-entropy, and Trainer's switch off; a causal
+    LM is left to Trainer. liger-kernel is CUDA-only, so its entry point is stood in for here."""
+    import sys
+    import types
+
+    from transformers import AutoModelForSequenceClassification
+
+    from refinery.modeling.kernels import liger_for_trainer
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((type(model).__name__, kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    scalar = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    assert liger_for_trainer(scalar, True) is False
+    assert calls == [("LlamaForSequenceClassification", {"fused_linear_cross_entropy": False, "cross_entropy": False})]
+    assert liger_for_trainer(AutoModelForCausalLM.from_pretrained(tiny_base), True) is True
+    assert liger_for_trainer(scalar, False) is False and len(calls) == 1

@@ -129,3 +129,25 @@ def test_reward_pools_on_the_last_real_token_when_pad_is_eos(tiny_base, tiny):
     assert batched == pytest.approx(alone, abs=1e-5)
     hidden = rm.model(input_ids=torch.tensor([short])).last_hidden_state[:, -1]
     assert float(rm.score(hidden)) == pytest.approx(alone, abs=1e-5)  # the last token, the answer's end
+
+
+def test_left_padded_passes_never_use_cudnn_attention(tiny_base, tiny, tmp_path, monkeypatch):
+    """cuDNN's SDPA kernel drew NaN sampling probabilities from left-padded rollouts on an H200 (1B, bf16,
+    bench/RESULTS-gpu.md): rollout sampling, every forward of a PPO step and batched evaluation generation run
+    with that backend off (the flag is global, so it reads the same on a CPU)."""
+    from refinery.evaluation.heldout import generate_batch
+
+    tok, prompts = tiny
+    seen = []
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    value = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    for model in (policy, value):  # the trunk: generation calls the inner model, not the peft wrapper
+        model.get_base_model().model.register_forward_pre_hook(
+            lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    cfg = PPOParams(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4, save_steps=1)
+    PPOTrainer(cfg, policy, value, lambda idx, r: torch.zeros(len(idx)), prompts, tok, tmp_path / "ppo", 0).train()
+    generate_batch(policy, tok, prompts[:3], 3)
+    assert len(seen) > 10 and not any(seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored outside

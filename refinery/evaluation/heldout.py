@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from refinery.data.chat import prompt_ids
 from refinery.data.packing import IGNORE, pad_with_mask
+from refinery.modeling.attention import left_padded_attention
 
 
 @torch.no_grad()
@@ -73,7 +74,8 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         chunk = prompt_ids[i:i + batch_size]
         ids, mask = pad_with_mask(chunk, pad, side="left")
         ids, mask, width = ids.to(model.device), mask.to(model.device), ids.shape[1]
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        with left_padded_attention():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         outs.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
     return outs

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from refinery.config import PPOParams
+from refinery.modeling.attention import left_padded_attention
 from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_math import (
     clipped_policy_loss,
@@ -248,7 +249,8 @@ class PPOTrainer:
         bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="ppo", unit="step",
                    disable=not self.ranks.is_main)
         while self.state.step < self.cfg.steps:
-            m = self.step()
+            with left_padded_attention():  # every forward of a step runs on left-padded rollouts
+                m = self.step()
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}")
             if self.progress is not None:

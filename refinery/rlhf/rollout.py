@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from refinery.data.packing import pad_with_mask
+from refinery.modeling.attention import left_padded_attention
 from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
 
@@ -43,9 +44,10 @@ def sample(policy, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_t
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     policy.eval()
-    out = policy.generate(input_ids=ids, attention_mask=mask,
-                          generation_config=sampling_config(max_new_tokens, pad_id, eos_id, temperature, top_k, top_p,
-                                                            greedy))
+    with left_padded_attention():
+        out = policy.generate(input_ids=ids, attention_mask=mask,
+                              generation_config=sampling_config(max_new_tokens, pad_id, eos_id, temperature, top_k,
+                                                                top_p, greedy))
     width = ids.shape[1]
     resp = out[:, width:]
     if resp.shape[1] == 0:
