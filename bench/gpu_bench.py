@@ -867,7 +867,12 @@ def run(args) -> int:
         secs = time.perf_counter() - t0
         est[key] = max(est[key] * 0.5, secs * 1.15)
         results["timeline"].append([name, round(t0 - t_start, 1), round(secs, 1)])
-        gpu_reset()
+        try:
+            gpu_reset()
+        except Exception as exc:  # a device-side assert poisons the CUDA context: keep what was measured, then stop
+            results.setdefault("fatal", {})[name] = {**r, "after": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            save()
+            raise
         brief = {k: r.get(k) for k in ("tokens_per_second", "pairs_per_second", "mfu", "peak_gpu_mb", "error") if r.get(k)
                  is not None}
         print(f"gpu_bench: {name} done in {secs:.1f} s {json.dumps(brief)}", flush=True)
@@ -954,6 +959,9 @@ def summarise(results: dict) -> dict:
 fmt = B.fmt
 
 
+REPORT_CMD = "python bench/gpu_bench.py --report <results-gpu.json>"
+
+
 def report_lines(results: dict) -> list[str]:
     m, st = results["machine"], results["settings"]
     summ = summarise(results)
@@ -969,7 +977,7 @@ def report_lines(results: dict) -> list[str]:
             break
     lines = ["# GPU benchmark: llm-refinery vs TRL at GPU sizes (random weights)", "",
              f"Produced by `{results['command']}` on {results['date']}; this file by "
-             "`python bench/gpu_bench.py --report <results-gpu.json>`. Every model here has **random weights**, built "
+             f"`{results.get('report_command') or REPORT_CMD}`. Every model here has **random weights**, built "
              "on the GPU from a config (weights cannot travel to the device machine). Throughput and memory do not "
              "depend on the weight values; losses do, and they only show that training ran.", "",
              *(["**TINY SMOKE TEST (`--tiny`): 2-layer models, short rows, no GPU numbers. Not a measurement.**", ""]
@@ -1177,6 +1185,8 @@ def qlora_lines(q: dict | None) -> list[str]:
     if q.get("error"):
         return out + [f"**Failed**: `{q['error']}`"]
     c = q["config"]
+    if q.get("from_earlier_run"):
+        out += [f"**Not re-run this time (device budget); from an earlier run: {q['from_earlier_run']}.**", ""]
     out += [f"Model: LLaMA-2-7B shape (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, intermediate "
             f"{c['intermediate_size']}, {c['num_attention_heads']} heads, vocabulary {c['vocab_size']:,}), "
             f"{fmt(q.get('params'))} parameters, random bf16 weights saved to local disk ({q.get('random_checkpoint_gb')} "
@@ -1207,9 +1217,27 @@ def qlora_lines(q: dict | None) -> list[str]:
     return out
 
 
+VARIANTS = {"nocudnn": "SDPA without cuDNN's backend (what the stage now does)", "eager": "eager attention",
+            "fp32-nocudnn": "SDPA without cuDNN's backend", "default": "every SDPA backend allowed"}
+
+
 def ppo_lines(results: dict) -> list[str]:
     out = ["## 3. PPO at ~1B with LoRA (the ppo stage's set-up)", ""]
     runs = results.get("ppo_runs") or ({"ppo": results["ppo"]} if results.get("ppo") else {})
+    lost = [t for t in results.get("timeline", []) if t[0].startswith("ppo") and t[0] not in runs]
+    for name, start, secs in lost:
+        fatal = (results.get("fatal") or {}).get(name, {})
+        out.append(f"- **{name} in the main run (every SDPA backend allowed, so cuDNN's on this GPU) did not finish**: "
+                   f"it started at {start} s, the process ended {secs} s later"
+                   + (f" ({fatal.get('error') or fatal.get('after')})" if fatal else
+                      " with no result saved (the run's log: a CUDA device-side assert, `probability tensor contains "
+                      "either inf, nan or element < 0`, in sampling at step 4 of 4; the same at step 4 in an earlier "
+                      "run at lr 3e-4)") + ". The variants below, each in its own process "
+                   "(`bench/gpu_ppo_variants.py`, run on the next lease of the same machine type), located it: with "
+                   "cuDNN's SDPA backend off, or eager attention, all 4 steps ran. The ppo stage now runs every "
+                   "left-padded pass without cuDNN's backend (refinery/modeling/attention.py).")
+    if lost:
+        out.append("")
     done = [p for p in runs.values() if p.get("steps")]
     notes = [f"- {name}: " + (f"not run: {p['skipped']}" if p.get("skipped") else f"**failed**: `{p['error']}`")
              for name, p in runs.items() if p.get("skipped") or p.get("error")]
@@ -1228,15 +1256,16 @@ def ppo_lines(results: dict) -> list[str]:
             f"{first.get('prompts')} demo prompts), {s['max_new_tokens']} new tokens, mini-batch {s['mini_batch_size']}, "
             f"{s['ppo_epochs']} PPO epochs, {first['steps']} steps. Peak GPU memory is `max_memory_allocated` over the "
             "training, the models included.", "",
-            "| precision | episodes/s (median, steps 2..N) | generated tokens/s | mean response length | step seconds "
+            "| variant | precision | episodes/s (median, steps 2..N) | generated tokens/s | mean response length | step seconds "
             "| models at rest MiB | frozen weights in 16 bits MiB | peak GPU memory MiB |",
-            "|---|---:|---:|---:|---|---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for p in done:
-        out.append(f"| {p.get('precision', 'fp32')} | {fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
+        out.append(f"| {VARIANTS.get(p.get('variant'), p.get('variant') or 'in the main run')} | {p.get('precision', 'fp32')} | "
+                   f"{fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
                    f"{fmt(p.get('generated_tokens_per_second_median_after_step1'))} | {fmt(p.get('response_length_mean'))} | "
                    f"{', '.join(str(x) for x in p.get('step_seconds', []))} | {fmt(p.get('models_at_rest_mb'), 0)} | "
                    f"{fmt(p.get('frozen_weights_16bit_mb'), 0)} | {fmt(p.get('peak_gpu_mb'), 0)} |")
-    by = {p.get("precision"): p for p in done}
+    by = {p.get("precision"): p for p in done if p.get("variant") != "eager"}
     if by.get("bf16", {}).get("peak_gpu_mb") and by.get("fp32", {}).get("peak_gpu_mb"):
         b16, f32 = by["bf16"], by["fp32"]
         out += ["", f"- bf16 / fp32: peak memory {b16['peak_gpu_mb'] / f32['peak_gpu_mb']:.2f}×, episodes/s "
@@ -1333,12 +1362,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--write-md", action="store_true", help="also write RESULTS-gpu.md into --out after the run")
     ap.add_argument("--report", metavar="JSON", help="only write RESULTS-gpu.md + results-gpu.json (into --out) from JSON")
+    ap.add_argument("--ppo-runs", nargs="*", metavar="JSON", help="with --report: bench/gpu_ppo_variants.py outputs")
+    ap.add_argument("--qlora-from", metavar="JSON", help="with --report: take the QLoRA 7B section from an earlier run")
     ap.add_argument("--make-snapshot", metavar="DIR", help="build the folder --src reads, from the committed code")
     args = ap.parse_args(argv)
     if args.make_snapshot:
         return make_snapshot(Path(args.make_snapshot).resolve())
     if args.report:
-        write_report(json.loads(Path(args.report).read_text()), Path(args.out).resolve())
+        results = json.loads(Path(args.report).read_text())
+        results["report_command"] = "python bench/gpu_bench.py " + " ".join(
+            Path(a).name if a.endswith(".json") else a for a in (argv if argv is not None else sys.argv[1:]))
+        for f in args.ppo_runs or []:  # bench/gpu_ppo_variants.py outputs, one per variant
+            r = json.loads(Path(f).read_text())
+            results.setdefault("ppo_runs", {})[f"variant {r['variant']}"] = r
+        if args.qlora_from:  # an earlier run's QLoRA 7B measurement, labelled with its date and code
+            old = json.loads(Path(args.qlora_from).read_text())
+            results["qlora_7b"] = {**old["qlora_7b"], "from_earlier_run": f"{old['date']}, {old['machine'].get('snapshot')}"}
+        write_report(results, Path(args.out).resolve())
         return 0
     return run(args)
 
