@@ -1217,6 +1217,23 @@ def qlora_lines(q: dict | None) -> list[str]:
     return out
 
 
+def ppo_weight_formula(results: dict, r: int) -> dict | None:
+    """bench/ppo_memory.py's weight bytes for the 1B config with LoRA r on all seven projections: bf16 frozen
+    linears in two models (policy; value = reward model), or both fp32: 2 x (2 N_lin + 4 N_other) + 4 T and
+    2 x 4 (N_lin + N_other) + 4 T."""
+    c, vocab = results.get("settings", {}).get("model"), results.get("model_vocab")
+    if not c or not vocab:
+        return None
+    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    n_lin = L * (2 * h * h + 2 * h * kv + 3 * h * i)       # the tied LM head is the embedding: not a frozen linear
+    n_other = vocab * h + (2 * L + 1) * h                  # embedding, norms
+    lora = L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+    t = 2 * lora + h                                       # policy's and value model's LoRA, the value score head
+    return {"bf16": 2 * (2 * n_lin + 4 * n_other) + 4 * t, "fp32": 2 * 4 * (n_lin + n_other) + 4 * t,
+            "n_lin": n_lin, "n_other": n_other, "t": t}
+
+
 VARIANTS = {"nocudnn": "SDPA without cuDNN's backend (what the stage now does)", "eager": "eager attention",
             "fp32-nocudnn": "SDPA without cuDNN's backend", "default": "every SDPA backend allowed"}
 
@@ -1265,6 +1282,15 @@ def ppo_lines(results: dict) -> list[str]:
                    f"{fmt(p.get('generated_tokens_per_second_median_after_step1'))} | {fmt(p.get('response_length_mean'))} | "
                    f"{', '.join(str(x) for x in p.get('step_seconds', []))} | {fmt(p.get('models_at_rest_mb'), 0)} | "
                    f"{fmt(p.get('frozen_weights_16bit_mb'), 0)} | {fmt(p.get('peak_gpu_mb'), 0)} |")
+    formula = ppo_weight_formula(results, first.get("lora", {}).get("r", 16))
+    if formula:
+        out += ["", "- Weight memory against the formula of bench/ppo_memory.py (README \"PPO memory\"): "
+                + "; ".join(f"{p.get('precision')}: predicted {formula[p.get('precision')] / 2**20:,.0f} MiB, measured "
+                            f"{p['models_at_rest_mb']:,.0f} MiB (GPU memory allocated once the models are built)"
+                            for p in done if p.get("models_at_rest_mb") and p.get("precision") in formula
+                            and p.get("variant") != "eager")
+                + f". N_lin {formula['n_lin']:,}, N_other {formula['n_other']:,}, T {formula['t']:,} (LoRA of policy "
+                "and value model, and the value model's score head)."]
     by = {p.get("precision"): p for p in done if p.get("variant") != "eager"}
     if by.get("bf16", {}).get("peak_gpu_mb") and by.get("fp32", {}).get("peak_gpu_mb"):
         b16, f32 = by["bf16"], by["fp32"]
