@@ -28,6 +28,7 @@ from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
 from refinery.evaluation.stats import slope, within_group_slope
+from refinery.modeling.attention import left_padded_attention
 from refinery.modeling.loading import model_kind
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
 from refinery.modeling.methods import REGISTRY, count_parameters
@@ -160,11 +161,12 @@ def train_grpo(job: GrpoInputs, rec, progress, scorer: RewardModelScore):
     from trl import GRPOConfig
 
     model, config = model_for_trl(job.model, job.cfg, job.base.seed)
-    return run_trainer(model, Dataset.from_list(job.train), None, job.cfg.training, job.checkpoint, job.base.seed,
-                       record=rec, progress=progress, trainer_cls=grpo_trainer_class(), callbacks=[RewardLog(rec)],
-                       resumable=REGISTRY[job.cfg.method].resumable, args_cls=GRPOConfig,
-                       args_extra=grpo_arguments(job.cfg), processing_class=job.tokenizer, reward_funcs=[scorer],
-                       peft_config=config)
+    with left_padded_attention():  # TRL samples the groups from left-padded prompts, and trains on them
+        return run_trainer(model, Dataset.from_list(job.train), None, job.cfg.training, job.checkpoint, job.base.seed,
+                           record=rec, progress=progress, trainer_cls=grpo_trainer_class(), callbacks=[RewardLog(rec)],
+                           resumable=REGISTRY[job.cfg.method].resumable, args_cls=GRPOConfig,
+                           args_extra=grpo_arguments(job.cfg), processing_class=job.tokenizer, reward_funcs=[scorer],
+                           peft_config=config)
 
 
 @uncached_task

@@ -1,4 +1,5 @@
-"""Attention kernels for left-padded batches: everything PPO runs, and batched generation.
+"""Attention kernels for left-padded batches: everything PPO runs, GRPO's training (TRL samples from left-padded
+prompts), and batched generation.
 
 On an H200 (torch 2.11, bf16 autocast) PyTorch picks cuDNN's fused attention for SDPA. A 1B PPO run with
 left-padded rollouts then drew NaN sampling probabilities at step 4 (a CUDA device-side assert that ends the
