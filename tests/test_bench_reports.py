@@ -1,9 +1,13 @@
 """bench/RESULTS-gpu.md is generated from bench/results-gpu.json by the command it names, not edited by hand: the
 report written again from the committed JSON equals the committed file (its first lines name the commands)."""
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +26,22 @@ def test_gpu_results_are_the_report_of_their_json(tmp_path):
     for ours, trl in (("sft-ours", "sft-trl"), ("reward-ours", "reward-trl")):
         ratio = re.search(rf"\(no Liger on either side\), {ours} / {trl}: \*\*([0-9.]+)×\*\*", text).group(1)
         assert f"**{ratio}x**" in readme, (ours, ratio)
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_every_case_on_the_tiny_model(tmp_path):
+    """The GPU script's smoke mode (`--tiny`: 2-layer models, 128-token rows) on the committed code, so a change
+    under refinery/ that breaks the benchmark shows here and not on the next (rare, 15-minute) GPU lease."""
+    snap, out = tmp_path / "snap", tmp_path / "out"
+    subprocess.run([sys.executable, "bench/gpu_bench.py", "--make-snapshot", str(snap)], cwd=ROOT, check=True,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(snap)}
+    subprocess.run([sys.executable, "bench/gpu_bench.py", "--tiny", "--repeats", "1", "--src", str(snap), "--out",
+                    str(out), "--budget-s", "900"], cwd=ROOT, check=True, capture_output=True, env=env, timeout=900)
+    res = json.loads((out / "results-gpu.json").read_text())
+    for case in ("sft-ours", "sft-trl", "reward-ours", "reward-trl"):
+        (run,) = res["runs"][case]
+        assert "error" not in run and run["tokens_per_second"] > 0, (case, run.get("error"))
+    for name in ("ppo", "ppo-fp32"):
+        assert res["ppo_runs"][name]["steps"] == 3, res["ppo_runs"][name]
+    assert res["qlora_7b"]["runs"]["fp32"]["steps_run"] == 3 and not res["skipped"]
