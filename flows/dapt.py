@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from refinery.data.corpus import corpus_rows, sample_prompts
-from refinery.data.packing import PadCollator
+from refinery.data.packing import FlatCollator, PadCollator, batch_collator
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
 from refinery.evaluation.heldout import generate, row_losses
@@ -41,7 +41,7 @@ class DaptInputs(StageInputs):
     corpus: Path
     train_rows: list[dict]
     val_rows: list[dict]
-    collate: PadCollator
+    collate: PadCollator | FlatCollator  # training batches
 
     @property
     def monitor_rows(self) -> list[dict]:
@@ -60,7 +60,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
                       inputs={"model": input_dir, "corpus": str(corpus)}, corpus=corpus,
                       general=load_general(data_dir, tokenizer), train_rows=train_rows,
                       val_rows=corpus_rows(corpus / "validation.jsonl", tokenizer, cfg.block_size, method.packing),
-                      collate=PadCollator(tokenizer.pad_token_id))
+                      collate=batch_collator(cfg.padding_free, tokenizer.pad_token_id))
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/base", data_dir: str = "data/prepared",
@@ -85,7 +85,8 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
     with (open_stage_record("dapt", base, job.params, method=cfg.method, tags=job.lineage_tags("corpus")) as rec,
           compute_precision(cfg.training.precision)):
         rec.log_dataset(job.corpus / "train.jsonl", "corpus", context="training")
-        before, rows_before = evaluate_lm(model, job.val_rows, job.collate, cfg)
+        padded = PadCollator(tokenizer.pad_token_id)  # per-row losses (paired CIs): one row per document block
+        before, rows_before = evaluate_lm(model, job.val_rows, padded, cfg)
         gens_before = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
         general_before = general_losses(model, job.general, tokenizer.pad_token_id)
         model = apply_method(model, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
@@ -94,7 +95,7 @@ def dapt_flow(params_dir: str = "params", input_dir: str = "models/base", data_d
               f"({100 * trainable / total:.3f}%), {len(job.train_rows)} rows of {cfg.block_size} tokens")
         summary = train_lm(model, job.train_rows, job.collate, cfg, job.checkpoint, base.seed, rec, Progress("dapt"),
                            job.monitor_rows)
-        after, rows_after = evaluate_lm(model, job.val_rows, job.collate, cfg)
+        after, rows_after = evaluate_lm(model, job.val_rows, padded, cfg)
         gens_after = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, chat=False)
         general_after = general_losses(model, job.general, tokenizer.pad_token_id)
         manifest = save_stage_output("dapt", model, tokenizer, cfg.method, out_dir, input_dir, job.params, job.inputs, base.seed)

@@ -239,6 +239,9 @@ class PrepareParams(Strict):
 
 class DaptParams(MethodParams):
     block_size: int = Field(256, gt=8)
+    # join a batch's packed rows into one row instead of padding the shorter ones (refinery/data/packing.py
+    # FlatCollator): for a varlen attention kernel (flash_attention_2); packing methods only
+    padding_free: bool = False
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: EvalArgs = Field(default_factory=EvalArgs)
 
@@ -266,6 +269,7 @@ class SftParams(MethodParams):
     mixing: Literal["proportional", "temperature"] = "proportional"
     temperature: float = Field(2.0, gt=0)
     block_size: int = Field(512, gt=8)  # packed row length (tokens)
+    padding_free: bool = False  # as DaptParams.padding_free
     # multi-turn conversations: learn every assistant turn, or only the final answer (the one evaluated)
     loss_on: Literal["all_turns", "last_turn"] = "all_turns"
     training: TrainingArgs = Field(default_factory=TrainingArgs)

@@ -83,6 +83,8 @@ CASES = {
                           "models/base/model.safetensors: not a complete safetensors file", "models/dapt"),
     "liger_without_cuda": ("dapt", params_case("dapt", "liger_on_cpu.yaml"),
                            "dapt.yaml: training.use_liger_kernel: Liger's kernels need a CUDA GPU", "models/dapt"),
+    "padding_free_virtual_tokens": ("dapt", params_case("dapt", "padding_free_virtual_tokens.yaml"),
+                                    "dapt.yaml: padding_free: method prompt trains on padded examples", "models/dapt"),
     "typo_key": ("dapt", params_case("dapt", "typo_key.yaml"), "key 'training.max_stepz': unknown key",
                  "models/dapt"),
     "base_without_weights": ("base_model", base_case(lambda r: HERE / "no_weights"),

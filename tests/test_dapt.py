@@ -75,3 +75,12 @@ def test_failed_stage_keeps_previous_output(dapt_project, prefect_server):
     assert state.is_failed() and "does/not/exist" in state.message
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".dapt")]
+
+
+def test_dapt_trains_padding_free(dapt_project, prefect_server):
+    """`padding_free: true`: the packed rows of a batch joined into one row (refinery/data/packing.py FlatCollator);
+    the evaluation keeps one row per block (its per-row losses feed the paired CI)."""
+    run_dapt("lora", **{"training.lr": 0.02, "padding_free": True})
+    on_disk = json.loads((dapt_project / "reports" / "dapt" / "evaluation.json").read_text())
+    assert on_disk["after"]["eval_loss"] < on_disk["before"]["eval_loss"] - 0.05
+    assert on_disk["train"]["steps"] == 6

@@ -31,3 +31,50 @@ def test_packed_forward_matches_separate_documents(tiny_base):
     labels = batch["labels"][0]
     assert labels[start] == IGNORE
     F.cross_entropy(packed[:-1], labels[1:], ignore_index=IGNORE)  # well-defined
+
+
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_base):
+    """FlatCollator (`padding_free: true`) joins a batch's packed rows into one row: the same loss and gradients
+    as PadCollator's padded batch (fp32, float noise), with none of its padding positions."""
+    from refinery.data.packing import FlatCollator, pack_examples
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (9, 14, 5, 21, 7, 12, 17, 6):  # prompts carry no loss, answers do
+        ids = torch.randint(5, 400, (n,), generator=g).tolist()
+        examples.append((ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    rows = pack_examples(examples, block_size=32)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of different lengths: the padded batch pads
+    grads, losses, widths = {}, {}, {}
+    for name, collate in (("padded", PadCollator(0)), ("flat", FlatCollator())):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        batch = collate(rows)
+        widths[name] = batch["input_ids"].numel()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        losses[name] = float(loss)
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert widths["flat"] == sum(len(r["input_ids"]) for r in rows) < widths["padded"]
+    assert abs(losses["flat"] - losses["padded"]) < 1e-5, losses
+    for n, gp in grads["padded"].items():
+        assert torch.allclose(grads["flat"][n], gp, atol=1e-6, rtol=1e-4), n
+    # without the position restarts the joined rows would attend across rows: a different loss
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    flat = FlatCollator()(rows)
+    leaky = float(model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss)
+    assert abs(leaky - losses["padded"]) > 1e-3
+
+
+def test_padding_free_needs_packed_rows(tiny_base):
+    """Virtual-token methods train on padded examples, not packed rows: refused in one line before loading."""
+    from pathlib import Path
+
+    import pytest
+
+    from refinery.errors import UserError
+    from refinery.train.stage_io import load_start
+
+    params = Path(__file__).resolve().parents[1] / "params"
+    with pytest.raises(UserError, match=r"dapt.yaml: padding_free: method prompt trains on padded examples"):
+        load_start("dapt", str(params), str(tiny_base), {"method": "prompt", "padding_free": True})

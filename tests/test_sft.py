@@ -61,8 +61,13 @@ SMALL = {"training.max_steps": 6, "training.batch_size": 4, "block_size": 256, "
          "eval.max_examples_per_task": 4, "eval.max_new_tokens": 4}
 
 
-def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server):
-    metrics = sft_flow(overrides={**SMALL, "method": "full", "training.lr": 0.003})
+TOKENS: dict[bool, int] = {}  # train.tokens of each padding_free run
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server, padding_free):
+    """Also with `padding_free: true` (a batch's packed rows joined into one row: refinery/data/packing.py)."""
+    metrics = sft_flow(overrides={**SMALL, "method": "full", "training.lr": 0.003, "padding_free": padding_free})
     on_disk = json.loads((sft_project / "reports" / "sft" / "evaluation.json").read_text())
     assert set(on_disk["before"]["tasks"]) == set(on_disk["after"]["tasks"]) == {"summarize", "which_module",
                                                                                  "explain_topic"}
@@ -73,6 +78,10 @@ def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server):
     assert sum(share.values()) == pytest.approx(1.0, abs=1e-3) and all(v > 0 for v in share.values())
     assert metrics["train"]["steps"] == 6
     AutoModelForCausalLM.from_pretrained(sft_project / "models" / "sft")
+    # the same rows: joined into one row per batch, no padding position is trained on or counted
+    TOKENS[padding_free] = metrics["train"]["tokens"]
+    if padding_free and False in TOKENS:
+        assert 0 < TOKENS[True] < TOKENS[False], TOKENS
 
 
 def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):

@@ -98,6 +98,35 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class FlatCollator:
+    """Padding-free batches (`padding_free: true` in params/dapt.yaml and params/sft.yaml): a batch's packed rows
+    joined into one row, as transformers' DataCollatorWithFlattening does. Each row's positions already restart
+    at 0 wherever a document or example starts, and each row's first label is set to -100 here (in a padded batch
+    nothing predicts a row's first token either), so the joined row gives the padded batch's loss and gradients
+    (tests/test_packing.py) without its padding positions.
+
+    It pays with a varlen attention kernel (`attn_implementation: flash_attention_2` reads the restarts). Under
+    sdpa or eager, transformers builds one block-diagonal mask over the whole joined row and computes attention
+    over all of it: on an H200, TRL's flattened SFT rows spent 3.7x our attention time (bench/RESULTS-gpu.md). So
+    it is off by default."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for f in features:
+            ids += list(f["input_ids"])
+            labels += [IGNORE] + list(f["labels"][1:])
+            positions += list(f["position_ids"])
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
+def batch_collator(padding_free: bool, pad_id: int):
+    """The training collator of a packed causal-LM stage (dapt, sft)."""
+    return FlatCollator() if padding_free else PadCollator(pad_id)
+
+
 def rows_to_list(rows: dict[str, list[list[int]]]) -> list[dict]:
     keys = list(rows)
     return [dict(zip(keys, vals)) for vals in zip(*(rows[k] for k in keys))]

@@ -9,6 +9,7 @@ from typing import Any
 
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
+from refinery.errors import UserError
 from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
 from refinery.modeling.manifest import build_manifest, hash_path, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import check_stage_method
@@ -62,6 +63,9 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
               f"training.eval_steps {cfg.training.eval_steps} -> 0", file=sys.stderr)
         cfg.training.eval_steps = 0
         cfg.training.early_stopping_patience = 0
+    if getattr(cfg, "padding_free", False) and not method.packing:
+        raise UserError(f"{params_dir}/{stage}.yaml: padding_free: method {cfg.method} trains on padded examples "
+                        "(virtual tokens change the sequence), not packed rows; set it false")
     model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg, attn_implementation=base.attn_implementation)
     return base, cfg, method, model, load_tokenizer(input_dir, base.trust_remote_code)
 
