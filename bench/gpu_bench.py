@@ -621,20 +621,19 @@ def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
         state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / f"ppo-{prec}", seed=SEED).train()
     h = state.history
     later = h[1:] or h
-    res = {"case": f"ppo-{prec}", "precision": prec, "allocated_at_start_mb": round(start, 1), "steps": len(h),
-           "settings": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                                                     "temperature", "gradient_checkpointing")},
-           "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules)},
-           "prompt_tokens_median": statistics.median(len(p) for p in prompts), "prompts": len(prompts),
-           "frozen_weights_16bit_mb": round(freed / 2**20, 1), "models_at_rest_mb": at_rest,
-           "episodes_per_second_per_step": [round(x["episodes_per_second"], 3) for x in h],
-           "episodes_per_second_median_after_step1": round(statistics.median(x["episodes_per_second"] for x in later), 3),
-           "generated_tokens_per_second_median_after_step1": round(
-               statistics.median(x["tokens_per_second"] for x in later), 1),
-           "response_length_mean": round(statistics.mean(x["response_length"] for x in h), 1),
-           "step_seconds": [round(x["seconds"], 3) for x in h], "peak_gpu_mb": gpu_mb("peak"),
-           "reward_first_last": [h[0]["reward_mean"], h[-1]["reward_mean"]]}
-    return res
+    return {"case": f"ppo-{prec}", "precision": prec, "allocated_at_start_mb": round(start, 1), "steps": len(h),
+            "settings": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                                                      "temperature", "gradient_checkpointing")},
+            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules)},
+            "prompt_tokens_median": statistics.median(len(p) for p in prompts), "prompts": len(prompts),
+            "frozen_weights_16bit_mb": round(freed / 2**20, 1), "models_at_rest_mb": at_rest,
+            "episodes_per_second_per_step": [round(x["episodes_per_second"], 3) for x in h],
+            "episodes_per_second_median_after_step1": round(statistics.median(x["episodes_per_second"] for x in later), 3),
+            "generated_tokens_per_second_median_after_step1": round(
+                statistics.median(x["tokens_per_second"] for x in later), 1),
+            "response_length_mean": round(statistics.mean(x["response_length"] for x in h), 1),
+            "step_seconds": [round(x["seconds"], 3) for x in h], "peak_gpu_mb": gpu_mb("peak"),
+            "reward_first_last": [h[0]["reward_mean"], h[-1]["reward_mean"]]}
 
 
 class Profiler:

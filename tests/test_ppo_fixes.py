@@ -131,7 +131,7 @@ def test_reward_pools_on_the_last_real_token_when_pad_is_eos(tiny_base, tiny):
     assert float(rm.score(hidden)) == pytest.approx(alone, abs=1e-5)  # the last token, the answer's end
 
 
-def test_left_padded_passes_never_use_cudnn_attention(tiny_base, tiny, tmp_path, monkeypatch):
+def test_left_padded_passes_never_use_cudnn_attention(tiny_base, tiny, tmp_path):
     """cuDNN's SDPA kernel drew NaN sampling probabilities from left-padded rollouts on an H200 (1B, bf16,
     bench/RESULTS-gpu.md): rollout sampling, every forward of a PPO step and batched evaluation generation run
     with that backend off (the flag is global, so it reads the same on a CPU)."""

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from transformers import AutoModelForCausalLM
 
-from flows.sft import sft_flow
+from flows.sft import load_inputs, sft_flow
 from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, mixture_probs, sample_mixture
 from refinery.data.packing import IGNORE
@@ -61,9 +61,6 @@ SMALL = {"training.max_steps": 6, "training.batch_size": 4, "block_size": 256, "
          "eval.max_examples_per_task": 4, "eval.max_new_tokens": 4}
 
 
-TOKENS: dict[bool, int] = {}  # train.tokens of each padding_free run
-
-
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server, padding_free):
     """Also with `padding_free: true` (a batch's packed rows joined into one row: refinery/data/packing.py)."""
@@ -78,10 +75,10 @@ def test_sft_stage_lowers_every_task_loss(sft_project, prefect_server, padding_f
     assert sum(share.values()) == pytest.approx(1.0, abs=1e-3) and all(v > 0 for v in share.values())
     assert metrics["train"]["steps"] == 6
     AutoModelForCausalLM.from_pretrained(sft_project / "models" / "sft")
-    # the same rows: joined into one row per batch, no padding position is trained on or counted
-    TOKENS[padding_free] = metrics["train"]["tokens"]
-    if padding_free and False in TOKENS:
-        assert 0 < TOKENS[True] < TOKENS[False], TOKENS
+    # padding-free trains on (and counts) exactly the rows' tokens; the padded batches count their padding too
+    rows = load_inputs("params", "models/dapt", "data/prepared", {**SMALL, "padding_free": padding_free}).rows
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert (metrics["train"]["tokens"] == real) if padding_free else (metrics["train"]["tokens"] > real), (real, metrics)
 
 
 def test_sft_refuses_a_non_mergeable_input(sft_project, prefect_server):

@@ -9,19 +9,16 @@ SwiGLU: the same call, with the fused cross-entropy off, since there is no LM he
 Trainer's own switch off."""
 from __future__ import annotations
 
-
-def is_causal_lm(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "get_output_embeddings", lambda: None)() is not None
+from refinery.modeling.loading import unwrapped
 
 
 def liger_for_trainer(model, use_liger_kernel: bool) -> bool:
     """What to pass as TrainingArguments.use_liger_kernel: True for a causal LM (Trainer patches it), False
     for any other model after patching its layers here."""
-    if not use_liger_kernel or is_causal_lm(model):
+    base = unwrapped(model)
+    if not use_liger_kernel or base.get_output_embeddings() is not None:  # off, or a causal LM: Trainer's patch
         return use_liger_kernel
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
     return False

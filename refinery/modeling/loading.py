@@ -135,6 +135,11 @@ def to_compute_device(model):
     return model
 
 
+def unwrapped(model):
+    """The transformers model inside a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def merge_into_full_precision(model, input_dir: str | Path, adapter_dir: Path):
     """A QLoRA model's saved adapter merged into the *full-precision* input weights (merging into the 4-bit
     base would bake its quantisation error into the output): the input reloaded in fp32 with the trained

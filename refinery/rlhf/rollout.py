@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from refinery.data.packing import pad_with_mask
 from refinery.modeling.attention import left_padded_attention
+from refinery.modeling.loading import unwrapped
 from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
 
@@ -102,7 +103,7 @@ def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Ten
 
 def values(value_model, r: Rollout) -> torch.Tensor:
     """Per-token values from the value model's backbone + scalar head (the reward model's architecture)."""
-    inner = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    inner = unwrapped(value_model)
     hidden = inner.model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
                          use_cache=False).last_hidden_state
     return inner.score(hidden[:, r.prompt_width - 1:-1]).squeeze(-1).float()
