@@ -28,10 +28,11 @@ from refinery.ops.stage_cli import (
 )
 from refinery.train.reward_model import (
     BradleyTerryTrainer,
-    PairCollator,
     evaluate_pairs,
     init_reward_model,
+    pair_collator,
     pair_rows,
+    scalar_head,
     weight_tasks,
 )
 from refinery.train.stage_io import StageInputs, save_stage_output, train_block
@@ -46,7 +47,8 @@ def evaluate_rm(model, rows, pad_id, cfg) -> tuple[dict, list[float]]:
 @uncached_task
 def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress, val_rows=None):
     return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       trainer_cls=BradleyTerryTrainer, count_tokens="non_padding", margin=cfg.margin,
+                       trainer_cls=BradleyTerryTrainer, count_tokens="all" if cfg.padding_free else "non_padding",
+                       margin=cfg.margin,
                        eval_dataset=val_rows)[0]
 
 
@@ -75,10 +77,12 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     derive_max_steps("reward", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every (weighted) pair
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
+    model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg, base.attn_implementation)
+    if cfg.padding_free and scalar_head(model) is None:
+        raise UserError(f"{params_dir}/reward.yaml: padding_free: {type(model).__name__} has no per-position `score` "
+                        "head to read a joined row's scores from; set padding_free: false")
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
-                        inputs={"model": input_dir, "preferences": str(prefs)},
-                        model=init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg,
-                                              base.attn_implementation),
+                        inputs={"model": input_dir, "preferences": str(prefs)}, model=model,
                         init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad)
 
 
@@ -87,7 +91,8 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data
     """A non-zero rank of a multi-process reward run: the same model and pairs, trained in step with rank 0."""
     job = load_inputs(params_dir, input_dir, data_dir, overrides)
     model = apply_method(job.model, job.cfg, "SEQ_CLS", input_dir, seed=job.base.seed)
-    train_rm.fn(model, job.train, PairCollator(job.pad), job.cfg, job.checkpoint, job.base.seed, None, None, job.val)
+    train_rm.fn(model, job.train, pair_collator(job.cfg.padding_free, job.pad), job.cfg, job.checkpoint, job.base.seed,
+                None, None, job.val)
 
 
 @flow(name="reward", flow_run_name=flow_run_namer("reward"))
@@ -112,7 +117,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs ("
               + ", ".join(f"{t} {n}" for t, n in sorted(per_task.items()))
               + (f"; task_weights {cfg.task_weights}" if cfg.task_weights else "") + ")")
-        summary = train_rm(model, train, PairCollator(pad), cfg, job.checkpoint,
+        summary = train_rm(model, train, pair_collator(cfg.padding_free, pad), cfg, job.checkpoint,
                            base.seed, rec, Progress("reward"), val)
         after, correct_after = evaluate_rm(model, val, pad, cfg)
         manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs,

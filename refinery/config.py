@@ -296,6 +296,9 @@ class RewardParams(MethodParams):
     # training pairs of a task (its `task` field) are seen this many times as often as the others (oversampled
     # by repetition; 1.0 = as many as the data has): a task whose pairs are short and hard gets more passes
     task_weights: dict[str, float] = Field(default_factory=dict)
+    # a batch's chosen and rejected sequences joined into one row instead of padded to the longest
+    # (refinery/train/reward_model.py FlatPairCollator): as DaptParams.padding_free
+    padding_free: bool = False
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
 

@@ -18,7 +18,7 @@ from transformers import Trainer
 
 from refinery.data.chat import conversation_ids
 from refinery.data.packing import pad_with_mask
-from refinery.modeling.loading import load_scalar_model
+from refinery.modeling.loading import load_scalar_model, unwrapped
 
 
 def render(tokenizer, prompt: str | list[dict], answer: str, max_length: int) -> list[int]:
@@ -68,6 +68,52 @@ class PairCollator:
         return pad_batch([f["chosen"] for f in features] + [f["rejected"] for f in features], self.pad_id)
 
 
+class FlatPairCollator:
+    """Padding-free pairs (`padding_free: true` in params/reward.yaml): the batch's chosen sequences, then its
+    rejected ones, joined into one row with positions restarting at 0 per sequence (transformers turns the
+    restarts into a block-diagonal causal mask, as for FlatCollator's rows), and `score_index`: where each
+    sequence ends, the token its score is read at. Same scores, loss and gradients as PairCollator's padded batch
+    (tests/test_reward_padding_free.py), no padding position computed. Like FlatCollator it pays with a varlen
+    attention kernel (flash_attention_2); under sdpa the mask spans the whole joined row."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids: list[int] = []
+        positions: list[int] = []
+        ends: list[int] = []
+        for seq in [f["chosen"] for f in features] + [f["rejected"] for f in features]:
+            ids += seq
+            positions += range(len(seq))
+            ends.append(len(ids) - 1)
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                "score_index": torch.tensor(ends)}
+
+
+def pair_collator(padding_free: bool, pad_id: int):
+    """The reward stage's training (and validation-loss) collator."""
+    return FlatPairCollator() if padding_free else PairCollator(pad_id)
+
+
+def scalar_head(model):
+    """The per-position scalar head (`score`) of a *ForSequenceClassification model, inside DDP/FSDP (`module`)
+    and peft wrappers (a ModulesToSaveWrapper's output is its trained copy's); None when the model has none."""
+    return getattr(unwrapped(getattr(model, "module", model)), "score", None)
+
+
+def sequence_scores(model, inputs: dict) -> torch.Tensor:
+    """One score per sequence of a PairCollator or FlatPairCollator batch. A joined row's scores are read from the
+    head's per-position output (a forward hook) at `score_index`: the model's own pooling takes one position per
+    row. The forward still goes through the (DDP/peft-wrapped) model, so its gradient hooks run as usual."""
+    if "score_index" not in inputs:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.squeeze(-1)
+    seen: list[torch.Tensor] = []
+    handle = scalar_head(model).register_forward_hook(lambda _module, _args, out: seen.append(out))
+    try:  # use_cache off: a KV cache would turn off the block-diagonal mask the position restarts mark
+        model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    return seen[-1][0, inputs["score_index"], 0]
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
@@ -78,7 +124,7 @@ class BradleyTerryTrainer(Trainer):
         self.margin = margin
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.squeeze(-1)
+        rewards = sequence_scores(model, inputs)
         r_chosen, r_rejected = rewards.chunk(2)
         loss = bradley_terry_loss(r_chosen, r_rejected, self.margin)
         return (loss, {"rewards": rewards}) if return_outputs else loss
