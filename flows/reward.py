@@ -30,6 +30,7 @@ from refinery.train.reward_model import (
     BradleyTerryTrainer,
     evaluate_pairs,
     init_reward_model,
+    padding_free_on,
     pair_collator,
     pair_rows,
     scalar_head,
@@ -45,9 +46,10 @@ def evaluate_rm(model, rows, pad_id, cfg) -> tuple[dict, list[float]]:
 
 
 @uncached_task
-def train_rm(model, rows, collate, cfg, ckpt, seed, rec, progress, val_rows=None):
-    return run_trainer(model, rows, collate, cfg.training, ckpt, seed, record=rec, progress=progress,
-                       trainer_cls=BradleyTerryTrainer, count_tokens="all" if cfg.padding_free else "non_padding",
+def train_rm(model, rows, padding_free, pad, cfg, ckpt, seed, rec, progress, val_rows=None):
+    return run_trainer(model, rows, pair_collator(padding_free, pad), cfg.training, ckpt, seed, record=rec,
+                       progress=progress, trainer_cls=BradleyTerryTrainer,
+                       count_tokens="all" if padding_free else "non_padding",
                        margin=cfg.margin,
                        eval_dataset=val_rows)[0]
 
@@ -60,6 +62,7 @@ class RewardInputs(StageInputs):
     train: list[dict]      # chat-rendered pairs
     val: list[dict]
     pad: int
+    padding_free: bool     # params' padding_free, `auto` resolved for this machine
 
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> RewardInputs:
@@ -78,12 +81,14 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
     model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg, base.attn_implementation)
-    if cfg.padding_free and scalar_head(model) is None:
+    padding_free = padding_free_on(cfg.padding_free, base.attn_implementation)
+    if padding_free and scalar_head(model) is None:
         raise UserError(f"{params_dir}/reward.yaml: padding_free: {type(model).__name__} has no per-position `score` "
                         "head to read a joined row's scores from; set padding_free: false")
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
                         inputs={"model": input_dir, "preferences": str(prefs)}, model=model,
-                        init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad)
+                        init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad,
+                        padding_free=padding_free)
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
@@ -91,7 +96,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data
     """A non-zero rank of a multi-process reward run: the same model and pairs, trained in step with rank 0."""
     job = load_inputs(params_dir, input_dir, data_dir, overrides)
     model = apply_method(job.model, job.cfg, "SEQ_CLS", input_dir, seed=job.base.seed)
-    train_rm.fn(model, job.train, pair_collator(job.cfg.padding_free, job.pad), job.cfg, job.checkpoint, job.base.seed,
+    train_rm.fn(model, job.train, job.padding_free, job.pad, job.cfg, job.checkpoint, job.base.seed,
                 None, None, job.val)
 
 
@@ -117,7 +122,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         print(f"reward: method {cfg.method}: {trainable:,} of {total:,} parameters trainable; {len(train)} pairs ("
               + ", ".join(f"{t} {n}" for t, n in sorted(per_task.items()))
               + (f"; task_weights {cfg.task_weights}" if cfg.task_weights else "") + ")")
-        summary = train_rm(model, train, pair_collator(cfg.padding_free, pad), cfg, job.checkpoint,
+        summary = train_rm(model, train, job.padding_free, pad, cfg, job.checkpoint,
                            base.seed, rec, Progress("reward"), val)
         after, correct_after = evaluate_rm(model, val, pad, cfg)
         manifest = save_stage_output("reward", model, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs,
@@ -129,7 +134,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         metrics = {"eval": after, "before": before, "comparison": comparison,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
                                         pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3),
-                                        precision=cfg.training.precision),
+                                        precision=cfg.training.precision, padding_free=job.padding_free),
                    "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))

@@ -297,8 +297,9 @@ class RewardParams(MethodParams):
     # by repetition; 1.0 = as many as the data has): a task whose pairs are short and hard gets more passes
     task_weights: dict[str, float] = Field(default_factory=dict)
     # a batch's chosen and rejected sequences joined into one row instead of padded to the longest
-    # (refinery/train/reward_model.py FlatPairCollator): as DaptParams.padding_free
-    padding_free: bool = False
+    # (refinery/train/reward_model.py FlatPairCollator); auto: on where it was measured to pay (a CPU, or
+    # attn_implementation flash_attention_2), off on a GPU under sdpa/eager (reward_model.padding_free_on)
+    padding_free: bool | Literal["auto"] = "auto"
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
 

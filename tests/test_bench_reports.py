@@ -28,6 +28,19 @@ def test_gpu_results_are_the_report_of_their_json(tmp_path):
         assert f"**{ratio}x**" in readme, (ours, ratio)
 
 
+def test_padding_free_results_are_the_report_of_their_json(tmp_path):
+    """bench/RESULTS-padding-free.md (what `padding_free: auto` rests on) is its JSON's report, and the reward ratio it
+    shows is the one params/reward.yaml and the README quote."""
+    subprocess.run([sys.executable, "bench/padding_free_bench.py", "--report", "bench/results-padding-free.json", "--md",
+                    str(tmp_path / "again.md")], cwd=ROOT, check=True, capture_output=True)
+    committed = (ROOT / "bench" / "RESULTS-padding-free.md").read_text()
+    assert (tmp_path / "again.md").read_text() == committed
+    reward = json.loads((ROOT / "bench" / "results-padding-free.json").read_text())["reward"]
+    quoted = f"{reward['flat_speedup']:.2f}x"
+    assert f"**{quoted}**" in committed and quoted in (ROOT / "params" / "reward.yaml").read_text()
+    assert quoted in (ROOT / "README.md").read_text()
+
+
 @pytest.mark.slow
 def test_gpu_bench_runs_every_case_on_the_tiny_model(tmp_path):
     """The GPU script's smoke mode (`--tiny`: 2-layer models, 128-token rows) on the committed code, so a change

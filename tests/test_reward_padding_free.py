@@ -13,9 +13,21 @@ from refinery.train.reward_model import (
     PairCollator,
     bradley_terry_loss,
     init_reward_model,
+    padding_free_on,
     scalar_head,
     sequence_scores,
 )
+
+
+def test_auto_is_on_where_it_was_measured_to_pay(monkeypatch):
+    """`padding_free: auto`: on a CPU (bench/RESULTS-padding-free.md) and with flash_attention_2; off on a GPU under
+    sdpa/eager; true/false as written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert padding_free_on("auto", None) and padding_free_on("auto", "sdpa")
+    assert not padding_free_on(False, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not padding_free_on("auto", "sdpa") and not padding_free_on("auto", None)
+    assert padding_free_on("auto", "flash_attention_2") and padding_free_on(True, "sdpa")
 
 
 def lora_reward_model(tiny_base):

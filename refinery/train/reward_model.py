@@ -88,6 +88,19 @@ class FlatPairCollator:
                 "score_index": torch.tensor(ends)}
 
 
+def padding_free_on(setting: bool | str, attn_implementation: str | None) -> bool:
+    """`padding_free: auto` resolved where it was measured (bench/RESULTS-padding-free.md, by bench/padding_free_bench.py): on a
+    CPU the padding saved is compute saved, and the demo's pairs padded are 45% padding (which_module pairs are a
+    few dozen tokens, summaries hundreds), so the joined row trains 1.27x faster in bf16 although its mask spans
+    the whole row; with flash_attention_2 the restarts give a varlen kernel (no whole-row attention at all); on a
+    GPU under sdpa/eager the whole-row attention costs more than the padding (bench/RESULTS-gpu.md: TRL's flattened
+    SFT rows spent 3.7x our attention time). SFT's packed rows are 7% padding: padding-free measured 1.00x on the
+    CPU, so dapt and sft keep a plain true/false, off by default."""
+    if setting != "auto":
+        return bool(setting)
+    return attn_implementation == "flash_attention_2" or not torch.cuda.is_available()
+
+
 def pair_collator(padding_free: bool, pad_id: int):
     """The reward stage's training (and validation-loss) collator."""
     return FlatPairCollator() if padding_free else PairCollator(pad_id)
