@@ -91,7 +91,7 @@ def metered(trainer_cls, meter: Meter):
                 else:  # TRL padding-free: one flattened row, no padding (pad_to_multiple_of is None off Neuron)
                     n = ids.numel()
                 meter.tokens += n
-                meter.rows += ids.shape[0]
+                meter.rows += len(inputs["score_index"]) if "score_index" in inputs else ids.shape[0]  # joined pairs
                 meter.batches += 1
                 if "labels" in inputs:
                     meter.loss_tokens += int((inputs["labels"] != -100).sum())
@@ -348,9 +348,16 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
 
 
 def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
+    from refinery.config import load_params
     from refinery.modeling.loading import load_tokenizer
     from refinery.modeling.methods import apply_method
-    from refinery.train.reward_model import BradleyTerryTrainer, PairCollator, init_reward_model, pair_rows
+    from refinery.train.reward_model import (
+        BradleyTerryTrainer,
+        init_reward_model,
+        padding_free_on,
+        pair_collator,
+        pair_rows,
+    )
     from refinery.train.trainer import run_trainer
 
     tok = load_tokenizer(model_dir)
@@ -359,11 +366,14 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) ->
     model = init_reward_model(model_dir, tok.pad_token_id, SEED)
     model = apply_method(model, lora_params(RM_LORA_DROPOUT), "SEQ_CLS")
     meter = Meter()
-    summary, trainer = run_trainer(model, rows, PairCollator(tok.pad_token_id), our_targs(steps, RM_BATCH, RM_LR),
+    # as the stage ships: params/reward.yaml's padding_free (auto: joined pairs on a CPU, padded on a GPU under sdpa)
+    flat = padding_free_on(load_params("reward", str(ROOT / "params")).padding_free, None)
+    summary, trainer = run_trainer(model, rows, pair_collator(flat, tok.pad_token_id), our_targs(steps, RM_BATCH, RM_LR),
                                    work / "ckpt", SEED, trainer_cls=metered(BradleyTerryTrainer, meter),
-                                   count_tokens="non_padding", callbacks=[step_clock(meter)], margin=0.0)
+                                   count_tokens="all" if flat else "non_padding", callbacks=[step_clock(meter)],
+                                   margin=0.0)
     return summarise("reward-ours", meter, summary.seconds, summary.steps, RM_BATCH, trainer,
-                     {"data": stats, "summary_tokens_non_padding": summary.tokens})
+                     {"data": stats, "summary_tokens_non_padding": summary.tokens, "padding_free": flat})
 
 
 def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
@@ -601,6 +611,10 @@ def detail_lines(entry: dict) -> list[str]:
         out.append(f"- reward data: {d['pairs_used']} pairs (of {d['pairs_available']}; {d['pairs_fitting']} fit in "
                    f"{RM_MAX_LEN} tokens), {d['epochs']} epoch(s); TRL token ids identical to ours: "
                    f"{(rt.get('data') or {}).get('same_token_ids_as_ours', 'n/a')}.")
+        if "padding_free" in ro:
+            out.append(f"- reward-ours as the stage ships: padding-free pairs {ro['padding_free']} (params/reward.yaml "
+                       "`padding_free: auto`: a batch's pairs joined into one row on a CPU, bench/RESULTS-padding-free.md); "
+                       "TRL's RewardTrainer pads each batch to its longest sequence.")
     for case in CASES:
         r = c.get(case, {})
         for n in r.get("notes", []) or []:
