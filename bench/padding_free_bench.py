@@ -1,7 +1,7 @@
 """Padded against padding-free training batches on this machine, for the two stages whose batches pad: reward (a
 batch's chosen and rejected sequences, PairCollator vs FlatPairCollator) and sft (packed 512-token rows, PadCollator
 vs FlatCollator). The default model with the stage's LoRA, bf16 autocast where `precision: auto` picks it, the
-stage's batch size, the demo's data in the stage's own rows; a forward + backward per batch.
+stage's batch size, the demo's data in the stage's own rows (reward: its task-weighted pairs); a forward + backward per batch.
 
     dvc repro prepare   # models/base and data/prepared (the bench trains on the stages' own rows)
     python bench/padding_free_bench.py [--batches 12] [--repeats 3]  # -> bench/results-padding-free.json + .md
@@ -40,30 +40,23 @@ def with_lora(model, task_type: str):
 
 
 def reward_case(batches: int):
-    from refinery.data.records import read_jsonl
-    from refinery.modeling.loading import load_tokenizer
-    from refinery.train.reward_model import (
-        FlatPairCollator,
-        PairCollator,
-        bradley_terry_loss,
-        init_reward_model,
-        pair_rows,
-        sequence_scores,
-    )
+    from flows.reward import load_inputs
+    from refinery.train.reward_model import FlatPairCollator, PairCollator, bradley_terry_loss, sequence_scores
 
-    cfg = load_params("reward", str(ROOT / "params"))
-    tok = load_tokenizer(str(ROOT / "models/base"))
-    rows = pair_rows(tok, [r for _, r in read_jsonl(ROOT / "data/prepared/preferences/train.jsonl")], cfg.max_length)
-    random.Random(0).shuffle(rows)  # the trainer's sampler mixes tasks (short which_module, long summarize pairs)
-    size = cfg.training.batch_size
+    # the stage's own training pairs: task_weights applied (the demo's which_module pairs 3x), in a shuffled order
+    # as the trainer's sampler draws them (short which_module pairs batched with long summaries)
+    job = load_inputs(str(ROOT / "params"), str(ROOT / "models/base"), str(ROOT / "data/prepared"), {})
+    rows = list(job.train)
+    random.Random(job.base.seed).shuffle(rows)
+    size = job.cfg.training.batch_size
     data = [rows[i * size:(i + 1) * size] for i in range(batches)]
-    model = with_lora(init_reward_model(str(ROOT / "models/base"), tok.pad_token_id, 0), "SEQ_CLS")
+    model = with_lora(job.model, "SEQ_CLS")
     model.config.use_cache = False
 
     def loss(collate, batch):
         return bradley_terry_loss(*sequence_scores(model, collate(batch)).float().chunk(2))
 
-    return model, data, {"padded": PairCollator(tok.pad_token_id), "flat": FlatPairCollator()}, loss, \
+    return model, data, {"padded": PairCollator(job.pad), "flat": FlatPairCollator()}, loss, \
         lambda b: sum(len(p["chosen"]) + len(p["rejected"]) for p in b)
 
 
@@ -113,7 +106,8 @@ def report(res: dict) -> str:
              f"--repeats {res['repeats']}`)", "",
              f"{res['date']}, {res['machine']}, torch {res['torch']}, precision {res['precision']}, load average at "
              f"start {res['load_average_start']}, at end {res['load_average_end']}. SmolLM2-135M-Instruct with the "
-             "stages' LoRA; the demo's data in the stages' own rows and batch sizes; forward + backward per batch; "
+             "stages' LoRA; the demo's data in the stages' own rows (reward: its task-weighted pairs, shuffled) and batch "
+             "sizes; forward + backward per batch; "
              "runs interleaved (the order alternates), median of the repeats.", "",
              "| stage | batches x size | real tokens | padded positions | padding share | padded s | padding-free s "
              "| padding-free speed-up | mean loss padded / padding-free |", "|---|---|---|---|---|---|---|---|---|"]

@@ -90,11 +90,11 @@ class FlatPairCollator:
 
 def padding_free_on(setting: bool | str, attn_implementation: str | None) -> bool:
     """`padding_free: auto` resolved where it was measured (bench/RESULTS-padding-free.md, by bench/padding_free_bench.py): on a
-    CPU the padding saved is compute saved, and the demo's pairs padded are 45% padding (which_module pairs are a
-    few dozen tokens, summaries hundreds), so the joined row trains 1.27x faster in bf16 although its mask spans
+    CPU the padding saved is compute saved, and the demo's pairs padded are 43% padding (which_module pairs are a
+    few dozen tokens, summaries hundreds), so the joined row trains 1.34x faster in bf16 although its mask spans
     the whole row; with flash_attention_2 the restarts give a varlen kernel (no whole-row attention at all); on a
     GPU under sdpa/eager the whole-row attention costs more than the padding (bench/RESULTS-gpu.md: TRL's flattened
-    SFT rows spent 3.7x our attention time). SFT's packed rows are 7% padding: padding-free measured 1.00x on the
+    SFT rows spent 3.7x our attention time). SFT's packed rows are 7% padding: padding-free measured 0.90x on the
     CPU, so dapt and sft keep a plain true/false, off by default."""
     if setting != "auto":
         return bool(setting)
