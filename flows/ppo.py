@@ -225,7 +225,8 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["precision"] = precision
         train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
-        train["processes"] = cfg.nproc_per_node  # rates are the whole run's; peak memory is rank 0's
+        # the ranks that took part (not the setting asked for); rates are the whole run's, peak memory rank 0's
+        train["processes"] = trainer.ranks.world
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"
         if len(h) >= 3:  # does the training reward rise? a fitted slope over the steps, with its CI
             step_means = slope([x["reward_mean"] for x in h], seed=base.seed)

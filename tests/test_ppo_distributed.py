@@ -22,8 +22,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 # float32 on both sides; the two runs differ in padding widths at sampling and in the order gradients are
-# summed (all-reduce), ~1e-6 on these numbers, far below their step-to-step change
+# summed (all-reduce), ~1e-6 relative on these numbers (value losses near 90 differ by ~1e-4), far below
+# their step-to-step change
 TOL = 1e-4
+REL = 1e-5
 SETS = ["steps=4", "batch_size=8", "mini_batch_size=4", "ppo_epochs=2", "top_k=1", "save_steps=1",
         "lr=0.003", "value_lr=0.003"]
 
@@ -66,10 +68,12 @@ def test_two_processes_follow_one_and_resume_after_a_kill(ppo_project):
     assert len(one_steps) == len(two_steps) == 4
     for a, b in zip(one_steps, two_steps):
         for key in ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss", "approx_kl", "response_length"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=TOL), (a["step"], key, a[key], b[key])
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=REL, abs=TOL), (a["step"], key, a[key], b[key])
     kls = [float(s["kl"]) for s in two_steps]
     # it trained: the policy moved away from its reference by far more than the tolerance
     assert kls[0] == 0 and abs(kls[-1]) > 100 * TOL, two_steps  # (k1 estimates can be negative)
+    # the ranks that took part: before accelerate was told it runs on a CPU, each rank ran the whole batch alone
+    # (same numbers as one process, so only this count could tell)
     assert two["train"]["processes"] == 2 and two["train"]["episodes_per_second"] > 0
 
     from transformers import AutoModelForCausalLM

@@ -37,7 +37,11 @@ class Ranks:
             return cls()
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True on a machine without CUDA: accelerate otherwise reports DistributedType.NO under torchrun on a
+        # CPU (num_processes 1, and its gather() a no-op), so every rank would silently run the whole batch alone
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.num_processes != world_size():
+            raise RuntimeError(f"accelerate sees {state.num_processes} processes, torchrun started {world_size()}")
         return cls(state.num_processes, state.process_index)
 
     @property
