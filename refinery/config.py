@@ -257,7 +257,8 @@ class SftTask(Strict):
 class SftEvalArgs(Strict):
     before: bool = True  # also evaluate the input model (the method comparison evaluates it once, not per method)
     max_examples_per_task: int = Field(16, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)             # rows per forward of the held-out loss
+    generate_batch_size: int = Field(16, gt=0)   # prompts per greedy generation batch (length-sorted)
     max_new_tokens: int = Field(48, gt=0)
 
 

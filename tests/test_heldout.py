@@ -1,6 +1,7 @@
 """Held-out loss per row (refinery/evaluation/heldout.py) for every kind of model the stages evaluate."""
 import math
 
+import pytest
 from peft import PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -20,3 +21,32 @@ def test_row_losses_with_virtual_tokens(tiny_base):
     summary, per_row_prompt = row_losses(model, rows, 2, 2, collate)
     assert len(per_row_prompt) == 3 and all(math.isfinite(x) for x in per_row_prompt)
     assert summary["eval_tokens"] == plain["eval_tokens"]  # the same predicted tokens, virtual ones excluded
+
+
+def test_length_sorted_batches_give_each_row_its_own_result(tiny_base):
+    """row_losses and generate_batch batch rows by length (less padding): every row's loss and every prompt's
+    answer must come back in the caller's order and equal what the row gets evaluated alone (fp32)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from refinery.evaluation.heldout import generate_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    lengths = (19, 5, 33, 8, 26, 12, 3)  # unsorted on purpose: batches of 3 regroup them
+    rows = [{"input_ids": [int(t) for t in torch.randint(5, 200, (n,))]} for n in lengths]
+    for r in rows:
+        r["labels"] = list(r["input_ids"])
+    rows[3]["labels"] = [-100] * len(rows[3]["labels"])  # no predicted token: left out of the per-row list
+    collate = PadCollator(tok.pad_token_id)
+    summary, batched = row_losses(model, rows, 3, 3, collate)
+    alone = [row_losses(model, [r], 1, 1, collate)[1] for r in rows]
+    assert batched == pytest.approx([x[0] for x in alone if x], rel=1e-5)
+    assert summary["eval_tokens"] == sum(n - 1 for i, n in enumerate(lengths) if i != 3)
+    # only the first batch_size * max_batches rows are read
+    assert row_losses(model, rows, 2, 1, collate)[1] == pytest.approx(batched[:2], rel=1e-5)
+
+    prompts = [r["input_ids"] for r in rows]
+    answers = generate_batch(model, tok, prompts, 6, batch_size=3)
+    assert answers == [generate_batch(model, tok, [p], 6, batch_size=1)[0] for p in prompts]

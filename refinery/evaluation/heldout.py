@@ -11,19 +11,29 @@ from refinery.data.packing import IGNORE, pad_with_mask
 from refinery.modeling.attention import left_padded_attention
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length (shortest first): padding to the longest row of a batch is what
+    dominates the cost of held-out rows and prompts from ~40 to ~400 tokens, and a batch's KV cache and
+    logits are what sets an evaluation's peak memory. Callers put the results back in their own order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, collate) -> tuple[dict[str, float], list[float]]:
-    """({"eval_loss", "perplexity", "eval_tokens"}, mean NLL per predicted token of each row) over up to
-    `max_batches` batches. The summary is weighted by tokens, not batches; the per-row losses are what a
-    paired bootstrap resamples (refinery/evaluation/stats.py).
+    """({"eval_loss", "perplexity", "eval_tokens"}, mean NLL per predicted token of each row) over the first
+    `batch_size * max_batches` rows, batched by length. The summary is weighted by tokens, not batches; the
+    per-row losses (in the rows' order; rows without a predicted token left out) are what a paired bootstrap
+    resamples (refinery/evaluation/stats.py).
 
     The model gets no labels and the NLL is computed here, one row at a time in fp32: handing it labels
     would make transformers upcast the whole [batch, length, vocab] logits for its own loss beside ours
     (measured: 8 rows of 512 tokens with a 49k vocabulary put ~3 GB on the process's peak)."""
     model.eval()
-    total, count, per_row = 0.0, 0, []
-    for i in range(0, min(len(rows), batch_size * max_batches), batch_size):
-        batch = collate(rows[i:i + batch_size])
+    rows = rows[:batch_size * max_batches]
+    found: dict[int, tuple[float, int]] = {}  # row index -> (summed NLL, predicted tokens)
+    for chunk in length_batches([len(r["input_ids"]) for r in rows], batch_size):
+        batch = collate([rows[i] for i in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         mask = labels[:, 1:] != IGNORE
@@ -31,15 +41,14 @@ def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, colla
             continue
         logits = model(**batch, use_cache=False).logits
         logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
-        for row_logits, row_labels, row_mask in zip(logits, labels[:, 1:], mask):
+        for i, row_logits, row_labels, row_mask in zip(chunk, logits, labels[:, 1:], mask):
             tokens = int(row_mask.sum())
             if tokens == 0:
                 continue
             nll = F.cross_entropy(row_logits[:-1].float(), row_labels.clamp(min=0), reduction="none")
-            row_total = float((nll * row_mask).sum())
-            total += row_total
-            count += tokens
-            per_row.append(row_total / tokens)
+            found[i] = (float((nll * row_mask).sum()), tokens)
+    total, count = sum(t for t, _ in found.values()), sum(n for _, n in found.values())
+    per_row = [found[i][0] / found[i][1] for i in sorted(found)]
     loss = total / max(count, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}, per_row
 
@@ -66,16 +75,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bo
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy generation for already-rendered prompts, left-padded in batches."""
+    """Greedy generation for already-rendered prompts, left-padded in batches of similar length; the answers
+    come back in the prompts' order."""
     model.eval()
-    outs: list[str] = []
+    outs: dict[int, str] = {}
     pad = tokenizer.pad_token_id
-    for i in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[i:i + batch_size]
-        ids, mask = pad_with_mask(chunk, pad, side="left")
+    for chunk in length_batches([len(p) for p in prompt_ids], batch_size):
+        ids, mask = pad_with_mask([prompt_ids[i] for i in chunk], pad, side="left")
         ids, mask, width = ids.to(model.device), mask.to(model.device), ids.shape[1]
         with left_padded_attention():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        outs.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
-    return outs
+        outs.update((i, tokenizer.decode(g[width:], skip_special_tokens=True).strip()) for i, g in zip(chunk, gen))
+    return [outs[i] for i in range(len(prompt_ids))]

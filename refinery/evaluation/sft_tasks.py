@@ -25,7 +25,7 @@ def evaluate_tasks(model, tokenizer, val: dict[str, list[dict]], metrics: dict[s
         prompts = [prompt_ids(tokenizer, r["prompt"])
                    for r in records]
         new_tokens = cfg.tasks[task].max_new_tokens or cfg.eval.max_new_tokens
-        gens = generate_batch(model, tokenizer, prompts, new_tokens, cfg.eval.batch_size)
+        gens = generate_batch(model, tokenizer, prompts, new_tokens, cfg.eval.generate_batch_size)
         fn = METRICS[metrics[task]]
         scores = [fn(g, r["response"]) for g, r in zip(gens, records)]
         per_example[task] = {"score": scores, "loss": losses}

@@ -18,6 +18,7 @@ import torch
 
 from refinery.data.formats import prompt_text
 from refinery.evaluation.forgetting import general_losses, retention
+from refinery.evaluation.heldout import length_batches
 from refinery.evaluation.stats import paired_difference, win_rate
 from refinery.evaluation.text_metrics import METRICS
 from refinery.rlhf.rollout import response_logits, sample
@@ -29,20 +30,12 @@ def decode_responses(tokenizer, r) -> list[str]:
             for row, m in zip(r.responses, r.response_mask)]
 
 
-def length_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Prompt indices in batches of similar length: left padding to the longest prompt of a batch is what
-    dominates the cost of short answers to prompts from ~40 to ~400 tokens, and a batch's KV cache and
-    logits are what sets the evaluation's peak memory."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 def greedy_rollouts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                     batch_size: int = 16) -> list[tuple[list[int], object]]:
     """One greedy answer per prompt, as (prompt indices, Rollout) per length batch."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     return [(chunk, sample(model, [prompt_ids[i] for i in chunk], pad, eos, max_new_tokens, 1.0, 0, 1.0, greedy=True))
-            for chunk in length_batches(prompt_ids, batch_size)]
+            for chunk in length_batches([len(p) for p in prompt_ids], batch_size)]
 
 
 def in_prompt_order(batches: list[tuple[list[int], list]], n: int) -> list:
@@ -61,7 +54,7 @@ def sampled_answers(model, tokenizer, prompt_ids: list[list[int]], cfg, k: int, 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[list[str]] = [[] for _ in prompt_ids]
     torch.manual_seed(seed)
-    for chunk in length_batches(prompt_ids, batch_size):
+    for chunk in length_batches([len(p) for p in prompt_ids], batch_size):
         ids = [prompt_ids[i] for i in chunk for _ in range(k)]
         answers = decode_responses(tokenizer, sample(model, ids, pad, eos, cfg.eval_max_new_tokens, cfg.temperature,
                                                      cfg.top_k, cfg.top_p))
