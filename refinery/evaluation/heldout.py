@@ -14,9 +14,18 @@ from refinery.modeling.attention import left_padded_attention
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices in batches of similar length (shortest first): padding to the longest row of a batch is what
     dominates the cost of held-out rows and prompts from ~40 to ~400 tokens, and a batch's KV cache and
-    logits are what sets an evaluation's peak memory. Callers put the results back in their own order."""
+    logits are what sets an evaluation's peak memory. `in_prompt_order` puts per-batch results back in order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def in_prompt_order(batches: list[tuple[list[int], list]], n: int) -> list:
+    """Per-batch results (`length_batches` chunks, each with its values) back in the prompts' order."""
+    out: list = [None] * n
+    for chunk, values in batches:
+        for i, v in zip(chunk, values):
+            out[i] = v
+    return out
 
 
 @torch.no_grad()
@@ -78,7 +87,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
     """Greedy generation for already-rendered prompts, left-padded in batches of similar length; the answers
     come back in the prompts' order."""
     model.eval()
-    outs: dict[int, str] = {}
+    batches = []
     pad = tokenizer.pad_token_id
     for chunk in length_batches([len(p) for p in prompt_ids], batch_size):
         ids, mask = pad_with_mask([prompt_ids[i] for i in chunk], pad, side="left")
@@ -86,5 +95,5 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         with left_padded_attention():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        outs.update((i, tokenizer.decode(g[width:], skip_special_tokens=True).strip()) for i, g in zip(chunk, gen))
-    return [outs[i] for i in range(len(prompt_ids))]
+        batches.append((chunk, [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]))
+    return in_prompt_order(batches, len(prompt_ids))

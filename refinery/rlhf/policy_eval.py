@@ -18,7 +18,7 @@ import torch
 
 from refinery.data.formats import prompt_text
 from refinery.evaluation.forgetting import general_losses, retention
-from refinery.evaluation.heldout import length_batches
+from refinery.evaluation.heldout import in_prompt_order, length_batches
 from refinery.evaluation.stats import paired_difference, win_rate
 from refinery.evaluation.text_metrics import METRICS
 from refinery.rlhf.rollout import response_logits, sample
@@ -36,15 +36,6 @@ def greedy_rollouts(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     return [(chunk, sample(model, [prompt_ids[i] for i in chunk], pad, eos, max_new_tokens, 1.0, 0, 1.0, greedy=True))
             for chunk in length_batches([len(p) for p in prompt_ids], batch_size)]
-
-
-def in_prompt_order(batches: list[tuple[list[int], list]], n: int) -> list:
-    """Per-batch results back in the prompts' order."""
-    out: list = [None] * n
-    for chunk, values in batches:
-        for i, v in zip(chunk, values):
-            out[i] = v
-    return out
 
 
 def sampled_answers(model, tokenizer, prompt_ids: list[list[int]], cfg, k: int, seed: int,
