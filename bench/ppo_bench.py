@@ -52,7 +52,8 @@ def write_spec(path: Path, steps: int, checkpointing: bool) -> dict:
                 "lr": cfg.lr, "kl_coef": cfg.init_kl_coef, "clip_range": cfg.clip_range,
                 "clip_range_value": cfg.clip_range_value, "vf_coef": cfg.vf_coef, "gamma": cfg.gamma, "lam": cfg.lam,
                 "missing_eos_penalty": cfg.missing_eos_penalty, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
-                "lora_targets": list(cfg.lora.target_modules), "gradient_checkpointing": checkpointing}
+                "lora_targets": list(cfg.lora.target_modules), "gradient_checkpointing": checkpointing,
+                "padding_free": cfg.padding_free}
     spec = {"policy": str(ROOT / "models" / "sft"), "reward": str(ROOT / "models" / "reward"), "prompts": prompts,
             "settings": settings, "seed": base.seed, "threads": os.cpu_count() or 1,
             "bf16": resolve(base.precision) == "bf16"}
@@ -182,7 +183,9 @@ def render(res: dict, args) -> str:
         f"- policy: LoRA r={s['lora_r']} alpha={s['lora_alpha']} on {', '.join(s['lora_targets'])}; reference = the "
         "policy with its adapter off (both sides)",
         f"- precision: {'bf16 autocast (ours: precision auto; TRL: bf16=True)' if res['bf16'] else 'fp32'}; "
-        f"ours: gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, TRL: off (its default)",
+        f"ours: gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, TRL: off (its default); "
+        f"ours: padding-free scoring and update forwards `{s.get('padding_free', False)}` (auto: on a CPU), TRL: "
+        "left-padded batches (its only layout)",
         f"- value model: ours {res['runs']['ours'][0]['value_model']}; TRL {res['runs']['trl'][0]['value_model']}, "
         "and a separately loaded reward model",
         "- episodes/s *steady* = batch size / mean seconds per update from the end of update 1 to the end of the last "

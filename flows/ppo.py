@@ -225,6 +225,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["precision"] = precision
         train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
+        train["padding_free"] = trainer.padding_free  # `auto` resolved
         # the ranks that took part (not the setting asked for); rates are the whole run's, peak memory rank 0's
         train["processes"] = trainer.ranks.world
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"

@@ -393,6 +393,9 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
     gradient_checkpointing: bool = False     # policy and value model recompute activations in the backward pass
+    # scoring and update forwards on each rollout row's real tokens joined into one row (refinery/rlhf/rollout.py
+    # flat_inputs) instead of the left-padded batch; auto as the reward stage's (reward_model.padding_free_on)
+    padding_free: bool | Literal["auto"] = "auto"
     # data-parallel PPO under torchrun (refinery/rlhf/ppo_distributed.py): each process samples and scores
     # batch_size / nproc_per_node episodes a step; mini-batches are split the same way
     nproc_per_node: int = Field(1, gt=0)

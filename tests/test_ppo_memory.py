@@ -93,7 +93,7 @@ def _adapter_off(policy, r):
         return response_logits(policy, r)
 
 
-def ppo_history(tiny_base, tmp_path, checkpointing: bool) -> list[dict]:
+def ppo_history(tiny_base, tmp_path, checkpointing: bool, padding_free: bool | str = "auto") -> list[dict]:
     tok = load_tokenizer(tiny_base)
     prompts = [prompt_ids(tok, f"Tell me about topic {i}.") for i in range(8)]
     torch.manual_seed(0)
@@ -105,12 +105,14 @@ def ppo_history(tiny_base, tmp_path, checkpointing: bool) -> list[dict]:
         value.activation_checkpointing_enable()
     policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **LORA))
     value = get_peft_model(value, LoraConfig(task_type="SEQ_CLS", **LORA))
-    cfg = PPOParams(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=6, lr=1e-3, temperature=1.0)
+    cfg = PPOParams(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=6, lr=1e-3, temperature=1.0,
+                    padding_free=padding_free)
 
     def reward(idx, r):  # longer answers score higher: a signal the policy can move
         return r.response_mask.sum(-1).float() / 6
 
-    trainer = PPOTrainer(cfg, policy, value, reward, prompts, tok, tmp_path / f"ckpt{checkpointing}", seed=0)
+    trainer = PPOTrainer(cfg, policy, value, reward, prompts, tok, tmp_path / f"ckpt{checkpointing}{padding_free}",
+                         seed=0)
     return trainer.train().history
 
 

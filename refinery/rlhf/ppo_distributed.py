@@ -71,7 +71,7 @@ class Ranks:
         response_mask = gather(pad_across_processes(r.response_mask, dim=1, pad_index=0))
         width = prompt.shape[1]
         merged = Rollout(torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1), response_mask,
-                         width, gather(r.has_eos.long()).bool())
+                         width, gather(r.has_eos.long()).bool(), r.padding_free)
         tokens = [gather(pad_across_processes(t.contiguous(), dim=1, pad_index=0)) for t in per_token]
         return merged, tokens, [gather(t.contiguous()) for t in per_episode]
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from refinery.config import PPOParams
 from refinery.modeling.attention import left_padded_attention
+from refinery.modeling.loading import unwrapped
 from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_math import (
     clipped_policy_loss,
@@ -37,6 +38,7 @@ from refinery.rlhf.ppo_math import (
     per_token_rewards,
 )
 from refinery.rlhf.rollout import Rollout, policy_stats, sample, values
+from refinery.train.reward_model import padding_free_on
 
 RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, rollout) -> raw scores [B]
 
@@ -120,6 +122,8 @@ class PPOTrainer:
         if self.ranks.world > 1 and cfg.mini_batch_size % self.ranks.world:
             raise ValueError(f"mini_batch_size {cfg.mini_batch_size} is not a multiple of nproc_per_node {self.ranks.world}")
         self.seed = seed
+        attn = getattr(getattr(unwrapped(policy), "config", None), "_attn_implementation", None)
+        self.padding_free = padding_free_on(cfg.padding_free, attn)
         self.order_rng = random.Random(seed)  # the prompt order: the same on every rank
         torch.manual_seed(seed + self.ranks.rank)  # sampling: each rank draws its own answers
         self.state = PPOState()
@@ -165,6 +169,7 @@ class PPOTrainer:
         mine = self.ranks.share(idx)
         r = sample(self.policy, [self.prompts[i] for i in mine], self.pad, self.eos, cfg.max_new_tokens,
                    cfg.temperature, cfg.top_k, cfg.top_p)
+        r.padding_free = self.padding_free  # how every forward of this step reads the rollout
         with torch.no_grad():
             old_logprobs, _ = policy_stats(self.policy, r, cfg.temperature)
             ref_logprobs = self.ref_logprobs(r)

@@ -4,6 +4,13 @@ Layout of a rollout batch: prompts left-padded to width P, responses right-padde
 `sequences` is [B, P+R] and response token j sits at column P+j. Everything per-token is [B, R]:
 `logprobs[:, j] = log π(token_{P+j} | tokens_<P+j)` comes from the logits at column P+j-1, and the
 value of the state before token P+j comes from the hidden state at the same column.
+
+A rollout marked `padding_free` goes through the models without that padding (`flat_inputs`): each row's real
+tokens (the prompt without its left padding, the response up to and including its first EOS) joined into one
+row, positions restarting per row (transformers turns the restarts into a block-diagonal causal mask, as for
+the reward stage's padding-free pairs), and only the response-predicting positions read out, then put back in
+the [B, R] layout with 0 where the response mask is 0 (every consumer masks those positions). On the demo's
+prompts (50-128 tokens, answers of ~6 of at most 20) a mini-batch padded is ~40% padding.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ class Rollout:
     response_mask: torch.Tensor   # [B, R] 1 on response tokens up to and including the first EOS
     prompt_width: int
     has_eos: torch.Tensor         # [B] bool
+    padding_free: bool = False    # forward passes on the rows' real tokens joined into one row (flat_inputs)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -35,7 +43,35 @@ class Rollout:
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_width,
-                       self.has_eos[idx])
+                       self.has_eos[idx], self.padding_free)
+
+
+@dataclass
+class FlatRollout:
+    input_ids: torch.Tensor     # [1, T]: every row's real tokens, row after row
+    position_ids: torch.Tensor  # [1, T]: restarting at 0 per row
+    predicting: torch.Tensor    # [K]: the flat position whose output predicts each real response token
+    keep: torch.Tensor          # [B, R] bool: where those K outputs go back (the response mask)
+
+
+def flat_inputs(r: Rollout) -> FlatRollout:
+    """The rollout without padding. Response token j of row b (column P+j) is predicted by the output at column
+    P+j-1: the prompt's last token for j=0 (left padding puts it at column P-1), else the previous response
+    token, which is real wherever token j is."""
+    real = r.attention_mask.bool()
+    flat_pos = torch.full(real.shape, -1, dtype=torch.long, device=real.device)
+    flat_pos[real] = torch.arange(int(real.sum()), device=real.device)
+    keep = r.response_mask.bool()
+    width = keep.shape[1]
+    predicting = flat_pos[:, r.prompt_width - 1:r.prompt_width - 1 + width][keep]
+    return FlatRollout(r.sequences[real][None], r.position_ids()[real][None], predicting, keep)
+
+
+def unflatten(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[K] per-response-token values back to [B, R], 0 outside the response mask (differentiable)."""
+    out = x.new_zeros(keep.shape)
+    out[keep] = x
+    return out
 
 
 @torch.no_grad()
@@ -97,6 +133,13 @@ def response_logits(model, r: Rollout) -> torch.Tensor:
 def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of the sampled tokens, entropy) under `model`, [B, R] each; logits scaled by the sampling
     temperature so that the old and new policies are the distribution the tokens were drawn from."""
+    if r.padding_free:
+        f = flat_inputs(r)
+        # use_cache off: a KV cache would turn off the block-diagonal mask the position restarts mark
+        logits = model(input_ids=f.input_ids, position_ids=f.position_ids, use_cache=False,
+                       logits_to_keep=f.predicting).logits[0] / temperature
+        return (unflatten(logprobs_from_logits(logits, r.responses[f.keep]), f.keep),
+                unflatten(entropy_from_logits(logits), f.keep))
     logits = response_logits(model, r) / temperature
     return logprobs_from_logits(logits, r.responses), entropy_from_logits(logits)
 
@@ -104,6 +147,10 @@ def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Ten
 def values(value_model, r: Rollout) -> torch.Tensor:
     """Per-token values from the value model's backbone + scalar head (the reward model's architecture)."""
     inner = unwrapped(value_model)
+    if r.padding_free:
+        f = flat_inputs(r)
+        hidden = inner.model(input_ids=f.input_ids, position_ids=f.position_ids, use_cache=False).last_hidden_state
+        return unflatten(inner.score(hidden[0, f.predicting]).squeeze(-1).float(), f.keep)
     hidden = inner.model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
                          use_cache=False).last_hidden_state
     return inner.score(hidden[:, r.prompt_width - 1:-1]).squeeze(-1).float()
