@@ -205,16 +205,18 @@ class PPOTrainer:
                 # this rank's share of the mini-batch's response tokens: the losses are token means, so the
                 # ranks' weighted means, averaged, are the mean over the whole mini-batch (one rank: exactly 1)
                 share = float(m.sum() / mask[whole].sum())
-                logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
-                vpred = self.value_of(sub)
-                pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
-                                                                   cfg.clip_range)
-                vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
-                                                          cfg.clip_range_value)
-                loss = (pg_loss + cfg.vf_coef * vf_loss) * (share * self.ranks.world)
                 self.opt_policy.zero_grad()
                 self.opt_value.zero_grad()
-                loss.backward()
+                # the loss is pg_loss + vf_coef * vf_loss; its two terms are backpropagated one after the other
+                # (gradients accumulate, so they are the sum's): only one model's activations are held at a time
+                logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
+                                                                   cfg.clip_range)
+                (pg_loss * (share * self.ranks.world)).backward()
+                vpred = self.value_of(sub)
+                vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
+                                                          cfg.clip_range_value)
+                (cfg.vf_coef * vf_loss * (share * self.ranks.world)).backward()
                 for opt, params in zip((self.opt_policy, self.opt_value), trained):
                     self.ranks.average_gradients(params)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
