@@ -8,7 +8,7 @@ from prefect import flow
 
 from refinery.data.chat import render_example
 from refinery.data.mixture import build_train_rows, load_task, mixture_probs
-from refinery.data.packing import FlatCollator, PadCollator, batch_collator
+from refinery.data.packing import FlatCollator, LabelledLogitsOnly, PadCollator, batch_collator
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import general_losses, load_general, retention, retention_summary
 from refinery.evaluation.sft_tasks import compare_tasks, evaluate_tasks
@@ -47,7 +47,7 @@ class SftInputs(StageInputs):
     probs: dict[str, float]          # task -> mixture probability
     rows: list[dict]                 # the training rows, drawn from the mixture
     counts: dict[str, int]           # task -> examples in those rows
-    collate: PadCollator | FlatCollator  # training batches
+    collate: PadCollator | FlatCollator | LabelledLogitsOnly  # training batches
     count_tokens: str                # "all" for packed rows, "non_padding" for padded ones
 
     @property
@@ -79,9 +79,12 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     derive_max_steps("sft", t, n_examples, global_batch(t) * per_row)
     n_rows = t.max_steps * global_batch(t)
     rows, counts = build_train_rows(pools, probs, n_rows, cfg.block_size, method.packing, base.seed)
+    # the LM head on answer positions only (LabelledLogitsOnly); not with virtual tokens (positions shift), Liger
+    # (its fused loss never builds the logits) or torch.compile (a new index length per batch would recompile)
+    head_on_labels = not (method.virtual_tokens or t.use_liger_kernel or t.torch_compile)
     return SftInputs(stage="sft", base=base, cfg=cfg, model=model, tokenizer=tokenizer,
                      inputs={"model": input_dir, "sft_data": str(folder)}, folder=folder, val=val, probs=probs,
-                     rows=rows, counts=counts, collate=batch_collator(cfg.padding_free, tokenizer.pad_token_id),
+                     rows=rows, counts=counts, collate=batch_collator(cfg.padding_free, tokenizer.pad_token_id, head_on_labels),
                      general=load_general(data_dir, tokenizer),
                      count_tokens="all" if method.packing else "non_padding")
 

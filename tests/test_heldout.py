@@ -50,3 +50,25 @@ def test_length_sorted_batches_give_each_row_its_own_result(tiny_base):
     prompts = [r["input_ids"] for r in rows]
     answers = generate_batch(model, tok, prompts, 6, batch_size=3)
     assert answers == [generate_batch(model, tok, [p], 6, batch_size=1)[0] for p in prompts]
+
+
+def test_answer_only_rows_score_from_the_full_logits_values(tiny_base):
+    """row_losses runs the LM head only where some row predicts a labelled token (an SFT answer): each row's
+    loss equals the mean NLL read from the whole sequence's logits (fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    rows = []
+    for n, answer in ((30, 4), (18, 9), (25, 2)):
+        ids = [int(t) for t in torch.randint(5, 200, (n,))]
+        rows.append({"input_ids": ids, "labels": [-100] * (n - answer) + ids[n - answer:]})
+    _, per_row = row_losses(model, rows, 3, 1, PadCollator(0))
+    want = []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(r["labels"][1:])
+            want.append(float(F.cross_entropy(logits, labels, ignore_index=-100)))
+    assert per_row == pytest.approx(want, rel=1e-5)

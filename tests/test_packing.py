@@ -66,6 +66,36 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_base):
     assert abs(leaky - losses["padded"]) > 1e-3
 
 
+def test_head_on_labelled_positions_gives_the_full_loss_and_gradients(tiny_base):
+    """LabelledLogitsOnly (sft): the LM head and loss only where the next token has a label. The same loss and
+    gradients as the whole batch's (fp32), for padded and padding-free batches whose rows label different
+    positions, with fewer logits; Trainer's token count (read from shift_labels) is unchanged."""
+    from refinery.data.packing import FlatCollator, LabelledLogitsOnly, pack_examples
+
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (9, 14, 5, 21, 7, 12, 17, 6):  # prompts carry no loss, answers do
+        ids = torch.randint(5, 400, (n,), generator=g).tolist()
+        examples.append((ids, [IGNORE] * (n - 3) + ids[n - 3:]))
+    rows = pack_examples(examples, block_size=32)
+    for inner in (PadCollator(0), FlatCollator()):
+        results = {}
+        for name, collate in (("all", inner), ("labelled", LabelledLogitsOnly(inner))):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(tiny_base)
+            batch = collate(rows)
+            out = model(**batch, use_cache=False)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[name] = (float(out.loss), grads, out.logits.shape[1], batch)
+        (loss, grads, width, batch), (loss_k, grads_k, width_k, batch_k) = results["all"], results["labelled"]
+        assert width_k < width, (width_k, width)  # positions predicting no labelled token in any row are skipped
+        assert abs(loss_k - loss) < 1e-5, (loss_k, loss)
+        for n, gp in grads.items():
+            assert torch.allclose(grads_k[n], gp, atol=1e-6, rtol=1e-4), n
+        assert int(batch_k["shift_labels"].ne(IGNORE).sum()) == int(batch["labels"][:, 1:].ne(IGNORE).sum())
+
+
 def test_padding_free_needs_packed_rows(tiny_base):
     """Virtual-token methods train on padded examples, not packed rows: refused in one line before loading."""
     from pathlib import Path

@@ -102,3 +102,41 @@ def test_training_inside_the_stage_precision_context_changes_the_model(tiny_base
     losses = [v["validation_loss"] for v in summary.validation]
     assert len(set(losses)) == len(losses), losses  # each evaluation sees the weights of its step
     assert after < before - 0.02, (before, after)
+
+
+def test_bf16_training_stores_frozen_weights_in_bf16_and_saves_the_fp32_merge(tiny_base, prepared, tmp_path,
+                                                                               monkeypatch):
+    """run_trainer under bf16 keeps a LoRA model's frozen linear weights in bf16 (autocast would cast them on
+    every forward): the same training as with fp32 frozen weights under autocast, to float noise, and the stage
+    output is the adapter merged into the fp32 input weights, loadable with plain transformers."""
+    from peft import LoraConfig, get_peft_model
+
+    from refinery.modeling.loading import save_output
+    from refinery.train import trainer as trainer_module
+
+    tok = load_tokenizer(tiny_base)
+    rows = corpus_rows(prepared / "corpus" / "train.jsonl", tok, 64, packed=True)[:24]
+    collate = PadCollator(tok.pad_token_id)
+    trained = {}
+    for name in ("fp32 frozen", "bf16 frozen"):
+        if name == "fp32 frozen":
+            monkeypatch.setattr(trainer_module, "store_frozen_linears", lambda model, p: 0)
+        else:
+            monkeypatch.undo()
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          task_type="CAUSAL_LM"))
+        args = TrainingArgs(max_steps=6, batch_size=4, lr=1e-2, save_steps=6, warmup_ratio=0.0, precision="bf16")
+        with precision.compute_precision("bf16", "cpu"):
+            summary, _ = run_trainer(model, rows, collate, args, tmp_path / name, seed=1)
+        frozen = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert frozen.dtype == (torch.bfloat16 if name == "bf16 frozen" else torch.float32)
+        save_output(model, tok, "lora", tmp_path / f"out {name}", tiny_base)
+        trained[name] = ([h["loss"] for h in summary.history],
+                         AutoModelForCausalLM.from_pretrained(tmp_path / f"out {name}").state_dict())
+    (losses, weights), (losses16, weights16) = trained["fp32 frozen"], trained["bf16 frozen"]
+    assert losses16 == pytest.approx(losses, rel=1e-3), (losses, losses16)
+    for key, w in weights.items():
+        assert weights16[key].dtype == torch.float32, key
+        assert torch.allclose(weights16[key], w, atol=1e-4), key

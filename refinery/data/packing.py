@@ -122,9 +122,37 @@ class FlatCollator:
                 "position_ids": torch.tensor([positions])}
 
 
-def batch_collator(padding_free: bool, pad_id: int):
-    """The training collator of a packed causal-LM stage (dapt, sft)."""
-    return FlatCollator() if padding_free else PadCollator(pad_id)
+class LabelledLogitsOnly:
+    """A causal-LM collator's batches with the LM head and the loss restricted to the positions whose next token
+    carries a label: `logits_to_keep` (an index tensor: transformers computes `lm_head` on those hidden states
+    only) and the matching `shift_labels` (which transformers' loss and Trainer's token count read instead of
+    shifting `labels`). The loss is the full batch's to rounding: the dropped positions are exactly the ones
+    whose label is -100.
+
+    Why: SFT learns only the answers, ~20% of the demo's tokens, yet the 49k-vocabulary head and its fp32
+    log-softmax ran on every position; on the demo's SmolLM2 a 2x512-token LoRA step spent ~0.5 s of ~3 s there
+    (bf16, 2 CPU cores). Liger's fused linear cross-entropy solves the same problem on CUDA; this is its CPU
+    counterpart. The positions are the union over the batch's rows (one index for all rows, as transformers
+    takes it). Not for methods that prepend virtual tokens (the hidden states are longer than the labels)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        batch = self.inner(features)
+        labels = batch["labels"]
+        following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the label each position predicts
+        keep = (following != IGNORE).any(0).nonzero().squeeze(1)
+        return {**batch, "logits_to_keep": keep, "shift_labels": following[:, keep].contiguous()}
+
+
+def batch_collator(padding_free: bool, pad_id: int, labelled_logits_only: bool = False):
+    """The training collator of a packed causal-LM stage (dapt, sft); `labelled_logits_only`: see
+    LabelledLogitsOnly (sft, whose labels cover the answers only)."""
+    inner = FlatCollator() if padding_free else PadCollator(pad_id)
+    return LabelledLogitsOnly(inner) if labelled_logits_only else inner
 
 
 def rows_to_list(rows: dict[str, list[list[int]]]) -> list[dict]:

@@ -45,16 +45,22 @@ def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, colla
         batch = collate([rows[i] for i in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        mask = labels[:, 1:] != IGNORE
+        following = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the label each position predicts
+        mask = following != IGNORE
         if not mask.any():
             continue
-        logits = model(**batch, use_cache=False).logits
-        logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
-        for i, row_logits, row_labels, row_mask in zip(chunk, logits, labels[:, 1:], mask):
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            logits = model(**batch, use_cache=False).logits
+            logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
+        else:  # the LM head only where some row predicts a labelled token (an SFT row's answer: ~1/5 of it)
+            keep = mask.any(0).nonzero().squeeze(1)
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            following, mask = following[:, keep], mask[:, keep]
+        for i, row_logits, row_labels, row_mask in zip(chunk, logits, following, mask):
             tokens = int(row_mask.sum())
             if tokens == 0:
                 continue
-            nll = F.cross_entropy(row_logits[:-1].float(), row_labels.clamp(min=0), reduction="none")
+            nll = F.cross_entropy(row_logits.float(), row_labels.clamp(min=0), reduction="none")
             found[i] = (float((nll * row_mask).sum()), tokens)
     total, count = sum(t for t, _ in found.values()), sum(n for _, n in found.values())
     per_row = [found[i][0] / found[i][1] for i in sorted(found)]
