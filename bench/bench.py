@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
 CASES = ("sft-ours", "sft-trl", "reward-ours", "reward-trl")
 SEED = 42
 LORA_R, LORA_ALPHA = 16, 32
-# SFT: as params/sft.yaml (block 512, batch 2 packed rows, lr 5e-4, cosine, 10% warmup, LoRA dropout 0.05)
-SFT_BLOCK, SFT_BATCH, SFT_LR, SFT_LORA_DROPOUT = 512, 2, 5e-4, 0.05
+# SFT: as params/sft.yaml (block 512, batch 2 packed rows, lr 5e-4, cosine, 10% warmup, LoRA dropout 0.0)
+SFT_BLOCK, SFT_BATCH, SFT_LR, SFT_LORA_DROPOUT = 512, 2, 5e-4, 0.0
 # reward: as params/reward.yaml (max_length 512, batch 4 pairs, lr 5e-4, LoRA dropout 0.0)
 RM_MAX_LEN, RM_BATCH, RM_LR, RM_LORA_DROPOUT = 512, 4, 5e-4, 0.0
 WARMUP_RATIO, SCHEDULER, MAX_GRAD_NORM = 0.1, "cosine", 1.0
@@ -273,7 +273,7 @@ def reward_data(tokenizer, data_dir: Path, steps: int):
 def case_sft_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
     import torch
 
-    from refinery.data.packing import PadCollator
+    from refinery.data.packing import batch_collator
     from refinery.modeling.loading import load_causal_lm, load_tokenizer
     from refinery.modeling.methods import apply_method
     from refinery.train.trainer import run_trainer
@@ -284,7 +284,8 @@ def case_sft_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> di
     torch.manual_seed(SEED)
     model = apply_method(model, lora_params(SFT_LORA_DROPOUT), "CAUSAL_LM")
     meter = Meter()
-    summary, trainer = run_trainer(model, rows, CountingCollator(PadCollator(tok.pad_token_id)),
+    # the stage's collator (flows/sft.py): padded packed rows, the LM head on answer positions only
+    summary, trainer = run_trainer(model, rows, CountingCollator(batch_collator(False, tok.pad_token_id, True)),
                                    our_targs(steps, SFT_BATCH, SFT_LR), work / "ckpt", SEED,
                                    trainer_cls=metered(__import__("transformers").Trainer, meter),
                                    count_tokens="all", callbacks=[step_clock(meter)])
