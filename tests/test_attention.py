@@ -24,3 +24,53 @@ def test_unknown_or_unrunnable_kernels_are_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^params/base.yaml: attn_implementation: flash_attention_2 needs a CUDA GPU"):
         attention_kwargs("flash_attention_2")
     assert attention_kwargs(None) == {} and attention_kwargs("sdpa") == {"attn_implementation": "sdpa"}
+
+
+def test_segment_attention_gives_the_block_mask_numbers_and_gradients(tiny_base, tmp_path, monkeypatch):
+    """Padding-free rows on a CPU (reward pairs, PPO rollouts, `padding_free: true` in dapt/sft) run SDPA once
+    per sequence (refinery/modeling/attention.py) instead of over the whole row under a block-diagonal mask: the
+    same logits and gradients (fp32); any other batch falls back to sdpa with its mask, unchanged. The kernel
+    is not written into a saved config (plain transformers could not load that name)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from refinery.modeling.attention import SEGMENT_SDPA, use_segment_attention
+
+    g = torch.Generator().manual_seed(0)
+    lengths = (5, 9, 7)
+    joined = {"input_ids": torch.randint(5, 400, (1, sum(lengths)), generator=g),
+              "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)}
+    padded = {"input_ids": torch.randint(5, 400, (2, 9), generator=g),
+              "attention_mask": torch.tensor([[1] * 9, [0] * 4 + [1] * 5])}  # left-padded second row
+    single = {"input_ids": padded["input_ids"][1:], "attention_mask": padded["attention_mask"][1:],
+              "position_ids": torch.tensor([[1, 1, 1, 1, 0, 1, 2, 3, 4]])}  # how generate positions a left-padded row
+
+    def run(model, batch):
+        model.zero_grad()
+        logits = model(**batch, use_cache=False).logits
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    want = {name: run(model, b) for name, b in (("joined", joined), ("padded", padded), ("single", single))}
+    assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_SDPA
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    fallbacks, plain = [], sdpa_module.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **k: fallbacks.append(1) or plain(*a, **k))
+    for name, b in (("joined", joined), ("padded", padded), ("single", single)):
+        fallbacks.clear()
+        logits, grads = run(model, b)
+        assert (len(fallbacks) == 0) == (name == "joined"), name  # only the joined row runs per sequence
+        mask = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
+        assert torch.allclose(logits[mask], want[name][0][mask], atol=1e-5), name
+        for n, grad in want[name][1].items():
+            assert torch.allclose(grads[n], grad, rtol=1e-4, atol=1e-6), (name, n)
+    # without the restarts honoured (one causal pass over the whole row) the joined row's numbers differ
+    whole = model(input_ids=joined["input_ids"], use_cache=False).logits.detach()
+    assert not torch.allclose(whole, want["joined"][0], atol=1e-3)
+    model.save_pretrained(tmp_path / "saved")
+    assert SEGMENT_SDPA not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text()))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
