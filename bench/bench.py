@@ -369,10 +369,6 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) ->
     meter = Meter()
     # as the stage ships: params/reward.yaml's padding_free (auto: joined pairs on a CPU, padded on a GPU under sdpa)
     flat = padding_free_on(load_params("reward", str(ROOT / "params")).padding_free, None)
-    if flat:  # and, as flows/reward.py does, the joined pairs' attention one sequence at a time
-        from refinery.modeling.attention import use_segment_attention
-
-        use_segment_attention(model)
     summary, trainer = run_trainer(model, rows, pair_collator(flat, tok.pad_token_id), our_targs(steps, RM_BATCH, RM_LR),
                                    work / "ckpt", SEED, trainer_cls=metered(BradleyTerryTrainer, meter),
                                    count_tokens="all" if flat else "non_padding", callbacks=[step_clock(meter)],

@@ -20,7 +20,6 @@ from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
 from refinery.evaluation.stats import Estimate, slope, within_group_slope
-from refinery.modeling.attention import attention_of
 from refinery.modeling.loading import (
     full_weights_of,
     load_causal_lm,
@@ -227,7 +226,6 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
         train["padding_free"] = trainer.padding_free  # `auto` resolved
-        train["attention"] = attention_of(trainer.policy)  # refinery_segment_sdpa: padding-free rows on sdpa
         # the ranks that took part (not the setting asked for); rates are the whole run's, peak memory rank 0's
         train["processes"] = trainer.ranks.world
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"

@@ -12,7 +12,6 @@ from refinery.config import load_params
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.stats import bootstrap_mean, paired_difference
-from refinery.modeling.attention import attention_of, use_segment_attention
 from refinery.modeling.loading import full_weights_of, load_tokenizer
 from refinery.modeling.manifest import check_same_tokenizer, hash_obj
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
@@ -86,8 +85,6 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     if padding_free and scalar_head(model) is None:
         raise UserError(f"{params_dir}/reward.yaml: padding_free: {type(model).__name__} has no per-position `score` "
                         "head to read a joined row's scores from; set padding_free: false")
-    if padding_free:
-        use_segment_attention(model)  # the joined pairs' attention one sequence at a time (modeling/attention.py)
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
                         inputs={"model": input_dir, "preferences": str(prefs)}, model=model,
                         init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad,
@@ -137,8 +134,7 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         metrics = {"eval": after, "before": before, "comparison": comparison,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
                                         pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3),
-                                        precision=cfg.training.precision, padding_free=job.padding_free,
-                                        attention=attention_of(model)),
+                                        precision=cfg.training.precision, padding_free=job.padding_free),
                    "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))

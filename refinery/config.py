@@ -165,8 +165,9 @@ class BaseParams(Strict):
     # auto | fp32 | bf16 | fp16: fp32 master weights, matmuls at this precision (refinery/modeling/precision.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # attention kernel of every model a stage loads (transformers' `attn_implementation`); null: transformers'
-    # default (sdpa where the architecture has it). flash_attention_2 needs CUDA and the flash-attn package.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
+    # default (sdpa where the architecture has it). flash_attention_2 needs CUDA and the flash-attn package;
+    # segment_sdpa: sdpa, with padding-free rows attended one sequence at a time (refinery/modeling/attention.py)
+    attn_implementation: Literal["sdpa", "segment_sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     trust_remote_code: bool = False
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 

@@ -27,16 +27,16 @@ def test_unknown_or_unrunnable_kernels_are_refused(tmp_path, monkeypatch):
 
 
 def test_segment_attention_gives_the_block_mask_numbers_and_gradients(tiny_base, tmp_path, monkeypatch):
-    """Padding-free rows on a CPU (reward pairs, PPO rollouts, `padding_free: true` in dapt/sft) run SDPA once
-    per sequence (refinery/modeling/attention.py) instead of over the whole row under a block-diagonal mask: the
-    same logits and gradients (fp32); any other batch falls back to sdpa with its mask, unchanged. The kernel
-    is not written into a saved config (plain transformers could not load that name)."""
+    """`attn_implementation: segment_sdpa`: padding-free rows (reward pairs, PPO rollouts, `padding_free: true`
+    in dapt/sft) run SDPA once per sequence (refinery/modeling/attention.py) instead of over the whole row under
+    a block-diagonal mask: the same logits and gradients as sdpa (fp32); any other batch falls back to sdpa with
+    its mask. The name is not written into a saved config (plain transformers could not load it)."""
     import json
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from refinery.modeling.attention import SEGMENT_SDPA, use_segment_attention
+    from refinery.modeling.attention import SEGMENT_SDPA
 
     g = torch.Generator().manual_seed(0)
     lengths = (5, 9, 7)
@@ -55,7 +55,8 @@ def test_segment_attention_gives_the_block_mask_numbers_and_gradients(tiny_base,
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     want = {name: run(model, b) for name, b in (("joined", joined), ("padded", padded), ("single", single))}
-    assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_SDPA
+    model = load_causal_lm(tiny_base, attn_implementation="segment_sdpa")  # the same weights, the other kernel
+    assert model.config._attn_implementation == SEGMENT_SDPA
     import transformers.integrations.sdpa_attention as sdpa_module
 
     fallbacks, plain = [], sdpa_module.sdpa_attention_forward

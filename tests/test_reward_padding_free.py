@@ -105,4 +105,3 @@ def test_reward_stage_trains_padding_free(reward_project, prefect_server):
     assert flat["train"]["tokens"] == padded["train"]["tokens"] > 0  # "non_padding" padded = every token joined
     assert max(abs(a - b) for a, b in zip(losses, pad_losses)) < 0.05, (losses, pad_losses)
     assert flat["eval"]["n"] == 16
-    assert flat["train"]["attention"] == "refinery_segment_sdpa" and padded["train"]["attention"] == "sdpa"

@@ -20,7 +20,7 @@ def left_padded_attention():
     return sdpa_kernel(LEFT_PADDED_BACKENDS)
 
 
-SEGMENT_SDPA = "refinery_segment_sdpa"
+SEGMENT_SDPA = "segment_sdpa"  # params/base.yaml `attn_implementation: segment_sdpa`
 
 
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -60,7 +60,8 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
 
 
 def register_segment_sdpa() -> str:
-    """Make SEGMENT_SDPA a transformers attention implementation (its masks: sdpa's, for the fallback)."""
+    """Make SEGMENT_SDPA a transformers attention implementation (its masks: sdpa's, for the fallback); what
+    `attn_implementation: segment_sdpa` loads every model with (refinery/modeling/loading.py)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
@@ -68,20 +69,3 @@ def register_segment_sdpa() -> str:
         AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_attention)
         AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
     return SEGMENT_SDPA
-
-
-def use_segment_attention(model) -> bool:
-    """Switch a model running sdpa to SEGMENT_SDPA, for padding-free rows on a CPU (no varlen kernel there);
-    True when switched. A model on another kernel (flash_attention_2 is varlen already, eager, flex) is left."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner.config, "_attn_implementation", None) not in ("sdpa", None):
-        return False
-    inner.set_attn_implementation(register_segment_sdpa())
-    return True
-
-
-def attention_of(model) -> str | None:
-    """The attention implementation a (peft-, DDP-wrapped) model runs: what a stage records as `train.attention`."""
-    model = getattr(model, "module", model)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None)

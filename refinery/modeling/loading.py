@@ -101,6 +101,10 @@ def attention_kwargs(attn_implementation: str | None) -> dict:
     loading when this machine cannot run it (flash-attn without CUDA or without its package)."""
     if attn_implementation is None:
         return {}
+    if attn_implementation == "segment_sdpa":  # sdpa, with padding-free rows attended one sequence at a time
+        from refinery.modeling.attention import register_segment_sdpa
+
+        return {"attn_implementation": register_segment_sdpa()}
     if attn_implementation == "flash_attention_2":
         import importlib.util
 

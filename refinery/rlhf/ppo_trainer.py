@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from refinery.config import PPOParams
-from refinery.modeling.attention import left_padded_attention, use_segment_attention
+from refinery.modeling.attention import left_padded_attention
 from refinery.modeling.loading import unwrapped
 from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_math import (
@@ -124,9 +124,6 @@ class PPOTrainer:
         self.seed = seed
         attn = getattr(getattr(unwrapped(policy), "config", None), "_attn_implementation", None)
         self.padding_free = padding_free_on(cfg.padding_free, attn)
-        if self.padding_free:  # the joined rollouts' attention one sequence at a time (modeling/attention.py)
-            for model in {id(m): m for m in (policy, value_model, ref_model) if m is not None}.values():
-                use_segment_attention(unwrapped(model))
         self.order_rng = random.Random(seed)  # the prompt order: the same on every rank
         torch.manual_seed(seed + self.ranks.rank)  # sampling: each rank draws its own answers
         self.state = PPOState()

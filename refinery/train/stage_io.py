@@ -10,7 +10,6 @@ from typing import Any
 from refinery.atomic import atomic_dir
 from refinery.config import load_params
 from refinery.errors import UserError
-from refinery.modeling.attention import use_segment_attention
 from refinery.modeling.loading import load_causal_lm, load_tokenizer, save_output
 from refinery.modeling.manifest import build_manifest, hash_path, tokenizer_fingerprint, write_manifest
 from refinery.modeling.methods import check_stage_method
@@ -68,8 +67,6 @@ def load_start(stage: str, params_dir: str, input_dir: str, overrides: dict | No
         raise UserError(f"{params_dir}/{stage}.yaml: padding_free: method {cfg.method} trains on padded examples "
                         "(virtual tokens change the sequence), not packed rows; set it false")
     model = load_causal_lm(input_dir, base.trust_remote_code, method=cfg, attn_implementation=base.attn_implementation)
-    if getattr(cfg, "padding_free", False):
-        use_segment_attention(model)  # the joined rows' attention one sequence at a time (modeling/attention.py)
     return base, cfg, method, model, load_tokenizer(input_dir, base.trust_remote_code)
 
 
