@@ -122,6 +122,15 @@ class FlatCollator:
                 "position_ids": torch.tensor([positions])}
 
 
+def labels_predicted(labels):
+    """([B, L] the label each position predicts, -100 after the last; the positions where some row predicts a
+    labelled token): what LabelledLogitsOnly and heldout.row_losses hand transformers as `logits_to_keep`."""
+    import torch
+
+    following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return following, (following != IGNORE).any(0).nonzero().squeeze(1)
+
+
 class LabelledLogitsOnly:
     """A causal-LM collator's batches with the LM head and the loss restricted to the positions whose next token
     carries a label: `logits_to_keep` (an index tensor: transformers computes `lm_head` on those hidden states
@@ -139,12 +148,8 @@ class LabelledLogitsOnly:
         self.inner = inner
 
     def __call__(self, features: list[dict]) -> dict:
-        import torch
-
         batch = self.inner(features)
-        labels = batch["labels"]
-        following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the label each position predicts
-        keep = (following != IGNORE).any(0).nonzero().squeeze(1)
+        following, keep = labels_predicted(batch["labels"])
         return {**batch, "logits_to_keep": keep, "shift_labels": following[:, keep].contiguous()}
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from refinery.data.chat import prompt_ids
-from refinery.data.packing import IGNORE, pad_with_mask
+from refinery.data.packing import IGNORE, labels_predicted, pad_with_mask
 from refinery.modeling.attention import left_padded_attention
 
 
@@ -45,7 +45,7 @@ def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, colla
         batch = collate([rows[i] for i in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        following = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the label each position predicts
+        following, keep = labels_predicted(labels)
         mask = following != IGNORE
         if not mask.any():
             continue
@@ -53,7 +53,6 @@ def row_losses(model, rows: list[dict], batch_size: int, max_batches: int, colla
             logits = model(**batch, use_cache=False).logits
             logits = logits[:, logits.shape[1] - labels.shape[1]:]  # prompt tuning prepends virtual tokens
         else:  # the LM head only where some row predicts a labelled token (an SFT row's answer: ~1/5 of it)
-            keep = mask.any(0).nonzero().squeeze(1)
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
             following, mask = following[:, keep], mask[:, keep]
         for i, row_logits, row_labels, row_mask in zip(chunk, logits, following, mask):

@@ -39,24 +39,32 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    if (position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
-            or position_ids.shape[-1] != query.shape[2] or (module.training and dropout > 0)):
+    bounds = None
+    if (position_ids is not None and query.shape[0] == 1 and key.shape[2] == query.shape[2] == position_ids.shape[-1]
+            and not (module.training and dropout > 0)):
+        bounds = sequence_bounds(position_ids.reshape(-1))
+    if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    positions = position_ids.reshape(-1)
-    starts = (positions == 0).nonzero().flatten()
-    # each sequence's positions must run 0, 1, 2, ... (a left-padded row's do not: it keeps its mask)
-    first = torch.zeros_like(positions).index_fill_(0, starts, 1).cumsum(0) - 1  # which sequence a token is in
-    if (len(starts) == 0 or int(starts[0]) != 0
-            or not torch.equal(positions, torch.arange(len(positions), device=positions.device) - starts[first])):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    bounds = [*starts.tolist(), query.shape[2]]
     gqa = query.shape[1] != key.shape[1]
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                             scale=scaling, enable_gqa=gqa) for s, e in zip(bounds, bounds[1:])]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def sequence_bounds(positions) -> list[int] | None:
+    """[start of each sequence..., end] of a joined row whose positions restart at 0 and run 0, 1, 2, ... within
+    each sequence; None for anything else (a left-padded row's positions do not: it keeps its mask)."""
+    import torch
+
+    starts = (positions == 0).nonzero().flatten()
+    if len(starts) == 0 or int(starts[0]) != 0:
+        return None
+    which = torch.zeros_like(positions).index_fill_(0, starts, 1).cumsum(0) - 1  # the sequence each token is in
+    if not torch.equal(positions, torch.arange(len(positions), device=positions.device) - starts[which]):
+        return None
+    return [*starts.tolist(), len(positions)]
 
 
 def register_segment_sdpa() -> str:
