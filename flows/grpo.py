@@ -23,7 +23,9 @@ from pathlib import Path
 from prefect import flow
 from transformers import TrainerCallback
 
+from refinery.config import load_params
 from refinery.data.chat import as_messages, prompt_ids
+from refinery.data.prompt_sources import source_dirs, training_prompts
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
@@ -76,17 +78,20 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
     if model_kind(reward_dir) != "full":
         raise UserError(f"{reward_dir}: the reward model must be full weights (reward saves merged weights)")
     prompts_dir = Path(data_dir) / "prompts"
-    records = [r for _, r in read_jsonl(prompts_dir / "train.jsonl")]  # before the model loads: a missing file is fast
     val_records = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")]
+    # the training prompts before the model loads: a missing file is fast
+    records = training_prompts(data_dir, load_params("grpo", params_dir, overrides).prompt_sources, val_records)
     base, cfg, _, model, tokenizer = load_start("grpo", params_dir, input_dir, overrides)
+    val_records = val_records[:cfg.eval.eval_prompts]
     tok_hash = check_same_tokenizer(tokenizer, {"sft": input_dir, "reward": reward_dir})
     train = [r for r in records if len(prompt_ids(tokenizer, r["prompt"])) <= cfg.max_prompt_tokens]
     if not train:
-        raise UserError(f"{prompts_dir}/train.jsonl: no prompt within max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise UserError(f"{data_dir}/{{{','.join(cfg.prompt_sources)}}}/train.jsonl: no prompt within "
+                        f"max_prompt_tokens={cfg.max_prompt_tokens}")
     derive_max_steps("grpo", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every prompt once
-    val_records = val_records[:cfg.eval.eval_prompts]
     return GrpoInputs(stage="grpo", base=base, cfg=cfg, tokenizer=tokenizer, model=model,
-                      inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir)},
+                      inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir),
+                              **source_dirs(data_dir, cfg.prompt_sources)},
                       reward_dir=reward_dir, tokenizer_hash=tok_hash, prompts_dir=prompts_dir,
                       train=prompt_rows(train), val_records=val_records,
                       val_prompts=[prompt_ids(tokenizer, r["prompt"]) for r in val_records],

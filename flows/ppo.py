@@ -16,6 +16,7 @@ from prefect import flow
 
 from refinery.config import load_params
 from refinery.data.chat import prompt_ids
+from refinery.data.prompt_sources import source_dirs, training_prompts
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
@@ -90,14 +91,17 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
     tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
     tok_hash = check_same_tokenizer(tokenizer, {"sft": input_dir, "reward": reward_dir})
     prompts_dir = Path(data_dir) / "prompts"
-    train_records = [r for _, r in read_jsonl(prompts_dir / "train.jsonl")]
-    val_records = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")][:cfg.eval_prompts]
+    val_all = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")]
+    train_records = training_prompts(data_dir, cfg.prompt_sources, val_all)
+    val_records = val_all[:cfg.eval_prompts]
     train_prompts = [prompt_ids(tokenizer, r["prompt"]) for r in train_records]
     keep = [i for i, p in enumerate(train_prompts) if len(p) <= cfg.max_prompt_tokens]
     if not keep:
-        raise UserError(f"{prompts_dir}/train.jsonl: no prompt within max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise UserError(f"{data_dir}/{{{','.join(cfg.prompt_sources)}}}/train.jsonl: no prompt within "
+                        f"max_prompt_tokens={cfg.max_prompt_tokens}")
+    sources = source_dirs(data_dir, cfg.prompt_sources)
     return PPOInputs(stage="ppo", base=base, cfg=cfg, tokenizer=tokenizer,
-                     inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir)},
+                     inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir), **sources},
                      model=load_causal_lm(policy_dir, base.trust_remote_code, method=cfg,
                                           attn_implementation=base.attn_implementation),
                      policy_dir=policy_dir, reward_dir=reward_dir, tokenizer_hash=tok_hash, prompts_dir=prompts_dir,

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from refinery.data.prompt_sources import PROMPT_SOURCES
 from refinery.errors import UserError
 from refinery.modeling.method_specs import METHOD_NAMES
 
@@ -375,6 +376,8 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     value_lr: float = Field(1e-4, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     max_prompt_tokens: int = Field(256, gt=0)  # longer training prompts are left out (rollout cost ~ length)
+    # prepared splits the training prompts come from (refinery/data/prompt_sources.py): prompts | preferences
+    prompt_sources: list[Literal[PROMPT_SOURCES]] = Field(default_factory=lambda: ["prompts"], min_length=1)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)
@@ -433,6 +436,7 @@ class GRPOParams(TrlReferenceParams):
     num_generations: int = Field(4, ge=2)     # group size: answers sampled per prompt
     max_new_tokens: int = Field(20, gt=0)     # completion length (TRL's max_completion_length)
     max_prompt_tokens: int = Field(128, gt=0)  # longer training prompts are left out (as ppo does)
+    prompt_sources: list[Literal[PROMPT_SOURCES]] = Field(default_factory=lambda: ["prompts"], min_length=1)  # as ppo's
     temperature: float = Field(0.7, gt=0)     # sampling of the group (ppo's rollout temperature)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -69,12 +69,16 @@ def test_reward_refuses_prompt_learning(reward_project, prefect_server):
 
 
 def test_ppo_stage_on_tiny_models(reward_project, prefect_server):
-    """The PPO flow wires sft + reward + prompts together and writes the metrics contract."""
+    """The PPO flow wires sft + reward + prompts (here with the preference prompts too: params
+    `prompt_sources`) together and writes the metrics contract."""
     from flows.ppo import ppo_flow
 
     reward_flow(overrides={**SMALL, "method": "lora"})
     metrics = ppo_flow(overrides={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6,
-                                  "eval_prompts": 4, "eval_max_new_tokens": 6, "save_steps": 1})
+                                  "eval_prompts": 4, "eval_max_new_tokens": 6, "save_steps": 1,
+                                  "prompt_sources": ["prompts", "preferences"]})
+    manifest = json.loads((reward_project / "models" / "ppo" / "refinery_manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"model", "reward", "prompts", "preferences"}
     on_disk = json.loads((reward_project / "reports" / "ppo" / "evaluation.json").read_text())
     for key in ("reward_first", "reward_last", "kl_last", "steps", "episodes_per_second", "peak_memory_mb"):
         assert key in on_disk["train"], key

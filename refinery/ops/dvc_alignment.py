@@ -15,11 +15,13 @@ from refinery.config import ALIGNMENT_STAGES
 # what every alignment stage imports that can change its outputs (the import-closure test keeps this honest)
 SHARED_CODE = ["refinery/rlhf", "refinery/config.py", "refinery/atomic.py", "refinery/ops/metrics_contract.py",
                "refinery/modeling", "refinery/data", "refinery/train", "refinery/evaluation"]
-INPUTS = {  # models/reward: ppo and grpo train against it; all three are judged by it
-    "ppo": ["models/sft", "models/reward", "data/prepared/prompts", "data/prepared/general"],
+INPUTS = {  # models/reward: ppo and grpo train against it; all three are judged by it. ppo and grpo read
+    # data/prepared/preferences when params `prompt_sources` lists it (a dep whatever the params say: dvc.yaml is static)
+    "ppo": ["models/sft", "models/reward", "data/prepared/prompts", "data/prepared/preferences", "data/prepared/general"],
     "dpo": ["models/sft", "models/reward", "data/prepared/preferences", "data/prepared/prompts",
             "data/prepared/general"],
-    "grpo": ["models/sft", "models/reward", "data/prepared/prompts", "data/prepared/general"],
+    "grpo": ["models/sft", "models/reward", "data/prepared/prompts", "data/prepared/preferences",
+             "data/prepared/general"],
 }
 PLOT_Y = {"ppo": "reward_mean", "dpo": "loss", "grpo": "reward"}  # the training curve dvc plots shows
 REPORT_CODE = ["flows/report.py", "refinery/config.py", "refinery/atomic.py", "refinery/data", "refinery/modeling",
