@@ -10,7 +10,7 @@
 Cases (bench/README.md, section "GPU benchmark", has the details):
   sft-ours / sft-trl        full fine-tuning of a ~1.07B Llama (Llama-3.2-1B shape, SmolLM2 vocabulary) in bf16 autocast,
                             with packed rows of 2048 tokens, 4 rows per step. Ours is render_example -> build_train_rows ->
-                            PadCollator -> run_trainer. TRL is SFTTrainer on the same examples (BFD packing, padding-free).
+                            batch_collator (PadCollator + LabelledLogitsOnly, as sft) -> run_trainer. TRL is SFTTrainer on the same examples (BFD packing, padding-free).
   reward-ours / reward-trl  the same model with a scalar head, Bradley-Terry on pairs of up to 2048 tokens, 4 pairs per
                             step. Ours is pair_rows -> PairCollator -> BradleyTerryTrainer. TRL is RewardTrainer.
   qlora-7b                  LLaMA-2-7B shape, random bf16 weights saved to local disk and loaded in 4-bit NF4 through our
@@ -322,7 +322,7 @@ def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps:
     from transformers import Trainer
 
     from refinery.config import MethodParams
-    from refinery.data.packing import PadCollator
+    from refinery.data.packing import batch_collator
     from refinery.modeling.methods import apply_method
     from refinery.train.trainer import run_trainer
 
@@ -336,7 +336,10 @@ def case_sft_ours(ctx: Ctx, profile_steps: tuple[int, int] | None = None, steps:
     prof = Profiler(*profile_steps) if profile_steps else None
     if prof:
         cbs.insert(0, prof.cb)
-    summary, trainer = run_trainer(model, rows, B.CountingCollator(PadCollator(tok.pad_token_id)),
+    # as flows/sft.py builds it: padded rows, the LM head on answer positions only (not with Liger, whose fused
+    # loss never builds the logits)
+    collate = batch_collator(False, tok.pad_token_id, labelled_logits_only=not liger)
+    summary, trainer = run_trainer(model, rows, B.CountingCollator(collate),
                                    our_targs(steps or ctx.steps, SFT_ROWS, liger), ctx.work / "ckpt-sft-ours", SEED,
                                    trainer_cls=B.metered(Trainer, meter), count_tokens="all", callbacks=cbs)
     res = finish("sft-ours" + "-liger" * liger, ctx, meter, trainer, stats["row_tokens"] / stats["rows"], False,
