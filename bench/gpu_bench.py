@@ -10,7 +10,8 @@
 Cases (bench/README.md, section "GPU benchmark", has the details):
   sft-ours / sft-trl        full fine-tuning of a ~1.07B Llama (Llama-3.2-1B shape, SmolLM2 vocabulary) in bf16 autocast,
                             with packed rows of 2048 tokens, 4 rows per step. Ours is render_example -> build_train_rows ->
-                            batch_collator (PadCollator + LabelledLogitsOnly, as sft) -> run_trainer. TRL is SFTTrainer on the same examples (BFD packing, padding-free).
+                            batch_collator (PadCollator + LabelledLogitsOnly, as sft) -> run_trainer. TRL is
+                            SFTTrainer on the same examples (BFD packing, padding-free).
   reward-ours / reward-trl  the same model with a scalar head, Bradley-Terry on pairs of up to 2048 tokens, 4 pairs per
                             step. Ours is pair_rows -> PairCollator -> BradleyTerryTrainer. TRL is RewardTrainer.
   qlora-7b                  LLaMA-2-7B shape, random bf16 weights saved to local disk and loaded in 4-bit NF4 through our

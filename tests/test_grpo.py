@@ -174,3 +174,17 @@ def test_grpo_refuses_eval_steps_and_a_group_of_one(tmp_path):
     (tmp_path / "grpo.yaml").write_text("num_generations: 1\n")
     with pytest.raises(UserError, match="key 'num_generations'"):
         load_params("grpo", tmp_path)
+
+
+def test_grpo_trains_on_the_preference_prompts_when_asked(grpo_project):
+    """`prompt_sources: [prompts, preferences]`: the preference pairs' prompts join the training prompts (never a
+    held-out one), and the preferences folder is an input (manifest and checkpoint key)."""
+    from flows.grpo import load_inputs
+
+    args = ("params", "models/sft", "models/reward", "data/prepared")
+    alone = load_inputs(*args, None)
+    both = load_inputs(*args, {"prompt_sources": ["prompts", "preferences"]})
+    assert "preferences" not in alone.inputs and both.inputs["preferences"] == "data/prepared/preferences"
+    assert len(both.train) > len(alone.train)
+    held_out = {json.dumps(r["prompt"]) for r in both.val_records}
+    assert not held_out & {json.dumps(r["prompt"][0]["content"]) for r in both.train}
