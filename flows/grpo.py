@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from refinery.config import load_params
 from refinery.data.chat import as_messages, prompt_ids
-from refinery.data.prompt_sources import source_dirs, training_prompts
+from refinery.data.prompt_sources import none_within, source_dirs, training_prompts
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
@@ -86,8 +86,7 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
     tok_hash = check_same_tokenizer(tokenizer, {"sft": input_dir, "reward": reward_dir})
     train = [r for r in records if len(prompt_ids(tokenizer, r["prompt"])) <= cfg.max_prompt_tokens]
     if not train:
-        raise UserError(f"{data_dir}/{{{','.join(cfg.prompt_sources)}}}/train.jsonl: no prompt within "
-                        f"max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise none_within(data_dir, cfg.prompt_sources, cfg.max_prompt_tokens)
     derive_max_steps("grpo", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every prompt once
     return GrpoInputs(stage="grpo", base=base, cfg=cfg, tokenizer=tokenizer, model=model,
                       inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir),

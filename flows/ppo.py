@@ -16,7 +16,7 @@ from prefect import flow
 
 from refinery.config import load_params
 from refinery.data.chat import prompt_ids
-from refinery.data.prompt_sources import source_dirs, training_prompts
+from refinery.data.prompt_sources import none_within, source_dirs, training_prompts
 from refinery.data.records import read_jsonl
 from refinery.errors import UserError
 from refinery.evaluation.forgetting import load_general, retention_summary
@@ -97,8 +97,7 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
     train_prompts = [prompt_ids(tokenizer, r["prompt"]) for r in train_records]
     keep = [i for i, p in enumerate(train_prompts) if len(p) <= cfg.max_prompt_tokens]
     if not keep:
-        raise UserError(f"{data_dir}/{{{','.join(cfg.prompt_sources)}}}/train.jsonl: no prompt within "
-                        f"max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise none_within(data_dir, cfg.prompt_sources, cfg.max_prompt_tokens)
     sources = source_dirs(data_dir, cfg.prompt_sources)
     return PPOInputs(stage="ppo", base=base, cfg=cfg, tokenizer=tokenizer,
                      inputs={"model": input_dir, "reward": reward_dir, "prompts": str(prompts_dir), **sources},

@@ -11,7 +11,6 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from refinery.data.prompt_sources import PROMPT_SOURCES
 from refinery.errors import UserError
 from refinery.modeling.method_specs import METHOD_NAMES
 
@@ -361,6 +360,9 @@ class DPOParams(TrlReferenceParams):
     max_length: int = Field(512, gt=8)       # prompt + answer tokens; longer pairs keep their start
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: PolicyEvalArgs = Field(default_factory=PolicyEvalArgs)
+
+
+PROMPT_SOURCES = ("prompts", "preferences")  # ppo/grpo training prompts: refinery/data/prompt_sources.py
 
 
 class PPOParams(MethodParams, PolicyEvalArgs):

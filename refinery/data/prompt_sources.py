@@ -21,8 +21,7 @@ import json
 from pathlib import Path
 
 from refinery.data.records import read_jsonl
-
-PROMPT_SOURCES = ("prompts", "preferences")
+from refinery.errors import UserError
 
 
 def _key(prompt) -> str:
@@ -53,3 +52,9 @@ def training_prompts(data_dir: str | Path, sources, held_out: list[dict]) -> lis
             else:
                 out.append({**{k: r[k] for k in ("id", "task") if k in r}, "prompt": r["prompt"], "source": source})
     return out
+
+
+def none_within(data_dir: str | Path, sources, max_prompt_tokens: int) -> UserError:
+    """The refusal when no training prompt of `sources` fits max_prompt_tokens (ppo and grpo say the same)."""
+    return UserError(f"{data_dir}/{{{','.join(sources)}}}/train.jsonl: no prompt within "
+                     f"max_prompt_tokens={max_prompt_tokens}")
