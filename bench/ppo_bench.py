@@ -8,11 +8,12 @@ interleaved, repeated; episodes/s and peak memory, as ratios.
 
 Each side is configured as its users would run it on this machine: ours as params/ppo.yaml ships (LoRA
 policy and value model, the reward model = the value model with its adapter off, frozen weights in bf16,
-gradient checkpointing as the params say; `--no-checkpointing` for the other setting), TRL's PPOTrainer with
-`bf16=True` and a LoRA `peft_config` for the policy (its value model is always fully trained: TRL's PPO has no
-adapter for it) and a separately loaded reward model. What differs besides the code: TRL's KL coefficient is
-fixed (ours adaptive; the same compute), and each side samples its own answers, so the generated token counts
-are reported beside the rates.
+gradient checkpointing as the params say; `--no-checkpointing` for the other setting), and a second side of
+ours with `value_model: policy_trunk` (a value head on the policy's trunk instead of a value model:
+refinery/rlhf/value_head.py); TRL's PPOTrainer with `bf16=True` and a LoRA `peft_config` for the policy (its
+value model is always fully trained: TRL's PPO has no adapter for it) and a separately loaded reward model.
+What differs besides the code: TRL's KL coefficient is fixed (ours adaptive; the same compute), and each side
+samples its own answers, so the generated token counts are reported beside the rates.
 """
 from __future__ import annotations
 
@@ -61,7 +62,12 @@ def write_spec(path: Path, steps: int, checkpointing: bool) -> dict:
     return spec
 
 
-def run_ours(spec_path: str) -> None:
+VALUE_MODELS = {"ours": "separate", "ours-trunk": "policy_trunk"}  # our sides: params/ppo.yaml `value_model`
+DESCRIBED = {"separate": "(the reward model = the value model with its adapter off)",
+             "policy_trunk": "(a value head on the policy's trunk; the reward model frozen on its own)"}
+
+
+def run_ours(spec_path: str, value_model: str) -> None:
     """Our side, in its own process: the stage's own set-up (flows/ppo.py `load_inputs`, `build_models`,
     `make_trainer`: the models, adapters, judge, frozen bf16 weights and PPOTrainer the stage builds), without
     its evaluation and records. Run from a scratch folder, so its checkpoints never meet the repository's."""
@@ -79,7 +85,7 @@ def run_ours(spec_path: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)  # checkpoints/ppo/<hash>/ lands here, not under the repository
         job = load_inputs(str(ROOT / "params"), spec["policy"], spec["reward"], str(ROOT / "data" / "prepared"),
-                          {"steps": s["steps"], "save_steps": s["steps"],
+                          {"steps": s["steps"], "save_steps": s["steps"], "value_model": value_model,
                            "gradient_checkpointing": s["gradient_checkpointing"]})
         m = build_models(job)
         with compute_precision(m.precision):
@@ -96,7 +102,7 @@ def run_ours(spec_path: str) -> None:
         "steady_episodes_per_second": s["batch_size"] / steady if steady else None,
         "mean_response_tokens": sum(tokens) / len(tokens),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "value_model": f"{job.cfg.method} (the reward model = the value model with its adapter off)"}))
+        "value_model": f"{value_model}, {job.cfg.method} {DESCRIBED[value_model]}"}))
 
 
 def one(cmd: list[str]) -> dict:
@@ -114,15 +120,15 @@ def summary(runs: list[dict], key: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--side", choices=["ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=list(VALUE_MODELS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=6, help="PPO updates per run (default 6)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per side (default 5)")
     ap.add_argument("--no-checkpointing", action="store_true", help="our side without gradient checkpointing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-ppo.md"))
     args = ap.parse_args()
-    if args.side == "ours":
-        return run_ours(args.spec)
+    if args.side:
+        return run_ours(args.spec, VALUE_MODELS[args.side])
     if not TRL_PY.is_file():
         raise SystemExit(f"error: {TRL_PY} missing: run `make bench-trl-venv` first")
     sys.path.insert(0, str(ROOT))
@@ -132,17 +138,21 @@ def main() -> None:
     checkpointing = load_params("ppo", ROOT / "params").gradient_checkpointing and not args.no_checkpointing
     spec = write_spec(spec_path, args.steps, checkpointing)
     load = os.getloadavg()
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    runs: dict[str, list[dict]] = {"ours": [], "ours-trunk": [], "trl": []}
     for i in range(args.repeats):
-        runs["ours"].append(one([sys.executable, __file__, "--side", "ours", "--spec", str(spec_path)]))
+        for side in VALUE_MODELS:
+            runs[side].append(one([sys.executable, __file__, "--side", side, "--spec", str(spec_path)]))
         runs["trl"].append(one([str(TRL_PY), str(ROOT / "bench" / "ppo_trl_side.py"), "--spec", str(spec_path)]))
-        print(f"repeat {i + 1}/{args.repeats}: ours {runs['ours'][-1]['steady_episodes_per_second']:.3f}, "
-              f"trl {runs['trl'][-1]['steady_episodes_per_second']:.3f} episodes/s (steady)", flush=True)
+        print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{side} {r[-1]['steady_episodes_per_second']:.3f}"
+                                                              for side, r in runs.items()) + " episodes/s (steady)",
+              flush=True)
     agg = {side: {k: summary(r, k) for k in ("episodes_per_second", "steady_episodes_per_second", "peak_rss_mb")}
            for side, r in runs.items()}
-    ratio = {"episodes": agg["ours"]["steady_episodes_per_second"]["median"]
-             / agg["trl"]["steady_episodes_per_second"]["median"],
-             "memory": agg["ours"]["peak_rss_mb"]["median"] / agg["trl"]["peak_rss_mb"]["median"]}
+    ratio = {}
+    for side in VALUE_MODELS:  # "episodes"/"memory": the default side's, as before; "<key>_<side>" each side's
+        for key, metric in (("episodes", "steady_episodes_per_second"), ("memory", "peak_rss_mb")):
+            value = agg[side][metric]["median"] / agg["trl"][metric]["median"]
+            ratio[key if side == "ours" else f"{key}_{side}"] = value
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_start": load,
               "load_average_end": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "settings": spec["settings"], "prompts": len(spec["prompts"]), "bf16": spec["bf16"], "runs": runs,
@@ -186,8 +196,8 @@ def render(res: dict, args) -> str:
         f"ours: gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, TRL: off (its default); "
         f"ours: padding-free scoring and update forwards `{s.get('padding_free', False)}` (auto: on a CPU), TRL: "
         "left-padded batches (its only layout)",
-        f"- value model: ours {res['runs']['ours'][0]['value_model']}; TRL {res['runs']['trl'][0]['value_model']}, "
-        "and a separately loaded reward model",
+        *(f"- value model, {side}: {res['runs'][side][0]['value_model']}" for side in VALUE_MODELS),
+        f"- value model, trl: {res['runs']['trl'][0]['value_model']}, and a separately loaded reward model",
         "- episodes/s *steady* = batch size / mean seconds per update from the end of update 1 to the end of the last "
         "(no model loading, no warm-up update; ours also leaves out its final checkpoint save); peak memory = "
         "the process's peak RSS (ru_maxrss: loading and training)", "",
@@ -195,13 +205,26 @@ def render(res: dict, args) -> str:
         "| side | steady episodes/s | episodes/s (whole train()) | peak RSS MB |", "|---|---:|---:|---:|",
         *(f"| {side} | {cell(a['steady_episodes_per_second'])} | {cell(a['episodes_per_second'])} | "
           f"{mem(a['peak_rss_mb'])} |" for side, a in agg.items()), "",
-        f"- episodes/s, ours / TRL: **{ratio['episodes']:.2f}x** (goal >= {GOALS['episodes_ratio']}x: "
-        f"{met(ratio['episodes'] >= GOALS['episodes_ratio'])})",
-        f"- peak memory, ours / TRL: **{ratio['memory']:.2f}x** (goal <= {GOALS['memory_ratio']}x: "
-        f"{met(ratio['memory'] <= GOALS['memory_ratio'])})",
-        f"- mean response length, ours: {statistics.mean(r['mean_response_tokens'] for r in res['runs']['ours']):.1f} "
-        "tokens (TRL does not report it; both stop at EOS or the limit)", ""]
+        *ratio_lines(ratio, met),
+        *(f"- mean response length, {side}: "
+          f"{statistics.mean(r['mean_response_tokens'] for r in res['runs'][side]):.1f} tokens"
+          for side in VALUE_MODELS if side in res["runs"]),
+        "- TRL does not report its response length; both sides stop at EOS or the limit", ""]
     return "\n".join(lines)
+
+
+def ratio_lines(ratio: dict, met) -> list[str]:
+    out = []
+    for side, value_model in VALUE_MODELS.items():
+        suffix = "" if side == "ours" else f"_{side}"
+        if f"episodes{suffix}" not in ratio:
+            continue
+        episodes, memory = ratio[f"episodes{suffix}"], ratio[f"memory{suffix}"]
+        out += [f"- episodes/s, {side} (value_model: {value_model}) / TRL: **{episodes:.2f}x** "
+                f"(goal >= {GOALS['episodes_ratio']}x: {met(episodes >= GOALS['episodes_ratio'])})",
+                f"- peak memory, {side} (value_model: {value_model}) / TRL: **{memory:.2f}x** "
+                f"(goal <= {GOALS['memory_ratio']}x: {met(memory <= GOALS['memory_ratio'])})"]
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage `ppo`: PPO-based RLHF. Policy from `sft`; frozen reference = the SFT policy (for LoRA: the same
 weights with the adapter disabled, held once); value model initialised from the reward model (as
-InstructGPT and DeepSpeed-Chat do: a value head that already reads response quality); the reward model
-scores complete responses."""
+InstructGPT and DeepSpeed-Chat do: a value head that already reads response quality), or with
+`value_model: policy_trunk` a value head on the policy's own trunk (refinery/rlhf/value_head.py); the reward
+model scores complete responses."""
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ from refinery.modeling.loading import (
 from refinery.modeling.manifest import check_same_tokenizer
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
 from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
+from refinery.ops.host_memory import bound_kernel_cache, release_freed_memory
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -44,6 +46,7 @@ from refinery.ops.stage_cli import (
 from refinery.rlhf.policy_eval import (
     decode_responses,
     evaluate_policy,
+    load_judge,
     ppo_judge,
     retention_against_sft,
     rm_scores,
@@ -52,6 +55,7 @@ from refinery.rlhf.policy_eval import (
 )
 from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_trainer import PPOTrainer, ppo_train_block
+from refinery.rlhf.value_head import check_trunk_head, head_from_reward_model
 from refinery.train.stage_io import StageInputs, save_stage_output
 from refinery.train.trainer import peak_memory_mb
 
@@ -90,6 +94,8 @@ def load_inputs(params_dir: str, input_dir: str, reward_dir: str, data_dir: str,
         print(f"warning: ppo: {note}", file=sys.stderr)
     tokenizer = load_tokenizer(input_dir, base.trust_remote_code)
     tok_hash = check_same_tokenizer(tokenizer, {"sft": input_dir, "reward": reward_dir})
+    if cfg.value_model == "policy_trunk":
+        check_trunk_head(policy_dir, reward_dir)
     prompts_dir = Path(data_dir) / "prompts"
     val_all = [r for _, r in read_jsonl(prompts_dir / "validation.jsonl")]
     train_records = training_prompts(data_dir, cfg.prompt_sources, val_all)
@@ -145,13 +151,20 @@ def build_models(job: PPOInputs) -> PPOModels:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.config.use_cache = True  # generation-heavy: keep the KV cache
     attn = base.attn_implementation
-    value_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn))
+    if cfg.value_model == "policy_trunk":  # values from a head on the policy's trunk; the judge frozen on its own
+        reward_model = load_judge(reward_dir, base.trust_remote_code, attn)
+        value_model = head_from_reward_model(policy, reward_model)
+        trunks = [policy]
+    else:  # a value model initialised from the reward model (InstructGPT)
+        value_model = to_compute_device(load_scalar_model(reward_dir, base.trust_remote_code, cfg, attn))
+        trunks = [policy, value_model]
     if cfg.gradient_checkpointing:  # only in train mode: rollouts and scoring (eval mode) keep their activations
-        for model in (policy, value_model):
+        for model in trunks:
             model.activation_checkpointing_enable()
     policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
-    value_model = apply_method(value_model, cfg, "SEQ_CLS", reward_dir, seed=base.seed)
-    reward_model = ppo_judge(value_model, cfg.method, reward_dir, base.trust_remote_code, attn)
+    if cfg.value_model == "separate":
+        value_model = apply_method(value_model, cfg, "SEQ_CLS", reward_dir, seed=base.seed)
+        reward_model = ppo_judge(value_model, cfg.method, reward_dir, base.trust_remote_code, attn)
     trainable, total = count_parameters(policy)
     precision = resolve(base.precision)  # rollouts, scoring and updates under one autocast; fp32 master weights
     # every forward of these four runs under that autocast: their frozen linears can be held in its dtype
@@ -179,6 +192,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", rewa
                  data_dir: str = "data/prepared", overrides: dict | None = None, **_) -> None:
     """A non-zero rank of a multi-process PPO: the same models and steps as rank 0 on its share of each step's
     prompts; rank 0 records, evaluates and saves."""
+    bound_kernel_cache()  # before the first matmul (ops/host_memory.py)
     job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
     m = build_models(job)
     with compute_precision(m.precision):
@@ -188,6 +202,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", rewa
 @flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
 def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
              data_dir: str = "data/prepared", out_dir: str = "models/ppo", overrides: dict | None = None):
+    bound_kernel_cache()  # before the first matmul (ops/host_memory.py)
     try:
         job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
     except UserError as exc:
@@ -211,6 +226,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         print(f"ppo: method {cfg.method}: {trainable:,} of {total:,} policy parameters trainable; "
               f"{cfg.steps} steps x {cfg.batch_size} episodes")
         state = train_ppo(trainer)
+        release_freed_memory()  # the training steps' freed heap, before the evaluation's generation
         if ref_model is None:
             sft_model, sft_ctx = policy, policy.disable_adapter
         else:
@@ -222,6 +238,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         # merge the adapter into (their ~0.7 GB at 135M would otherwise sit under that reload)
         trainer.value_model = m.value_model = m.reward_model = reward_model = None
         gc.collect()
+        release_freed_memory()
         save_stage_output("ppo", policy, tokenizer, cfg.method, out_dir, input_dir, params, job.inputs, base.seed)
         h = state.history
         train = ppo_train_block(trainer, job.policy_dir, trainable, total, peak_memory_mb())
@@ -229,6 +246,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
         train["padding_free"] = trainer.padding_free  # `auto` resolved
+        train["value_model"] = cfg.value_model
         # the ranks that took part (not the setting asked for); rates are the whole run's, peak memory rank 0's
         train["processes"] = trainer.ranks.world
         reward_trend = f"(needs >= 3 steps, ran {len(h)})"

@@ -399,6 +399,10 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
     gradient_checkpointing: bool = False     # policy and value model recompute activations in the backward pass
+    # where the values come from (refinery/rlhf/value_head.py): `separate` = a value model of its own, initialised
+    # from the reward model (InstructGPT); `policy_trunk` = a linear head on the policy's last hidden state (one
+    # forward gives log-probs and values; the value loss also trains the policy's adapter, weighted by vf_coef)
+    value_model: Literal["separate", "policy_trunk"] = "separate"
     # scoring and update forwards on each rollout row's real tokens joined into one row (refinery/rlhf/rollout.py
     # flat_inputs) instead of the left-padded batch; auto as the reward stage's (reward_model.padding_free_on)
     padding_free: bool | Literal["auto"] = "auto"

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from refinery.config import PPOParams
 from refinery.modeling.attention import left_padded_attention
 from refinery.modeling.loading import unwrapped
+from refinery.ops.host_memory import release_freed_memory
 from refinery.rlhf.ppo_distributed import Ranks
 from refinery.rlhf.ppo_math import (
     clipped_policy_loss,
@@ -38,6 +39,7 @@ from refinery.rlhf.ppo_math import (
     per_token_rewards,
 )
 from refinery.rlhf.rollout import Rollout, policy_stats, sample, values
+from refinery.rlhf.value_head import TrunkValueHead, trunk_stats
 from refinery.train.reward_model import padding_free_on
 
 RewardFn = Callable[[list[int], Rollout], torch.Tensor]  # (prompt indices, rollout) -> raw scores [B]
@@ -110,6 +112,8 @@ class PPOTrainer:
                  tokenizer, ckpt_dir: Path, seed: int, ref_model=None, record=None, progress=None,
                  on_step: Callable[[int, dict, Rollout], None] | None = None, ranks: Ranks | None = None):
         self.cfg, self.policy, self.value_model, self.reward_fn = cfg, policy, value_model, reward_fn
+        # a head on the policy's trunk (value_head.py): values come from the policy's own forward
+        self.shared_trunk = isinstance(value_model, TrunkValueHead)
         self.prompts, self.tokenizer, self.ckpt_dir = prompts, tokenizer, Path(ckpt_dir)
         self.ref_model, self.record, self.progress, self.on_step = ref_model, record, progress, on_step
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -138,8 +142,15 @@ class PPOTrainer:
             return policy_stats(self.policy, r, self.cfg.temperature)[0]
 
     def value_of(self, r: Rollout) -> torch.Tensor:
-        """Per-token values on the scores' scale."""
+        """Per-token values on the scores' scale (a separate value model's)."""
         return self.scaled(values(self.value_model, r))
+
+    def scoring_stats(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling policy's log-probs and the raw values of a rollout: one forward with a trunk head."""
+        if self.shared_trunk:
+            logprobs, _, raw_values = trunk_stats(self.policy, self.value_model, r, self.cfg.temperature)
+            return logprobs, raw_values
+        return policy_stats(self.policy, r, self.cfg.temperature)[0], values(self.value_model, r)
 
     def scaled(self, v: torch.Tensor) -> torch.Tensor:
         return self.scale(v) if self.cfg.normalize_scores else v
@@ -171,10 +182,9 @@ class PPOTrainer:
                    cfg.temperature, cfg.top_k, cfg.top_p)
         r.padding_free = self.padding_free  # how every forward of this step reads the rollout
         with torch.no_grad():
-            old_logprobs, _ = policy_stats(self.policy, r, cfg.temperature)
+            old_logprobs, raw_values = self.scoring_stats(r)
             ref_logprobs = self.ref_logprobs(r)
             raw = self.reward_fn(mine, r).float()
-            raw_values = values(self.value_model, r)
         r, (old_logprobs, ref_logprobs, raw_values), (raw,) = self.ranks.gather_rollout(
             r, self.pad, [old_logprobs, ref_logprobs, raw_values], [raw])
         mask = r.response_mask.float()
@@ -207,16 +217,24 @@ class PPOTrainer:
                 share = float(m.sum() / mask[whole].sum())
                 self.opt_policy.zero_grad()
                 self.opt_value.zero_grad()
-                # the loss is pg_loss + vf_coef * vf_loss; its two terms are backpropagated one after the other
-                # (gradients accumulate, so they are the sum's): only one model's activations are held at a time
-                logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
+                # the loss is pg_loss + vf_coef * vf_loss. Two models: its two terms are backpropagated one after
+                # the other (gradients accumulate, so they are the sum's), so only one model's activations are
+                # held at a time. A trunk head: one forward and one backward of the sum.
+                weight = share * self.ranks.world
+                if self.shared_trunk:
+                    logprobs, entropy, raw_v = trunk_stats(self.policy, self.value_model, sub, cfg.temperature)
+                    vpred = self.scaled(raw_v)
+                else:
+                    logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
                                                                    cfg.clip_range)
-                (pg_loss * (share * self.ranks.world)).backward()
-                vpred = self.value_of(sub)
+                if not self.shared_trunk:
+                    (pg_loss * weight).backward()
+                    vpred = self.value_of(sub)
                 vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
                                                           cfg.clip_range_value)
-                (cfg.vf_coef * vf_loss * (share * self.ranks.world)).backward()
+                ((pg_loss + cfg.vf_coef * vf_loss) * weight if self.shared_trunk
+                 else cfg.vf_coef * vf_loss * weight).backward()
                 for opt, params in zip((self.opt_policy, self.opt_value), trained):
                     self.ranks.average_gradients(params)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -264,6 +282,7 @@ class PPOTrainer:
                 self.progress(self.state.step, self.cfg.steps)
             if self.state.step % self.cfg.save_steps == 0 or self.state.step == self.cfg.steps:
                 self.save_checkpoint()
+            release_freed_memory()  # the step's rollout-sized blocks back to the OS (ops/host_memory.py)
         bar.close()
         self.ranks.close()
         return self.state
