@@ -1,11 +1,16 @@
-"""release_freed_memory gives freed tensor memory that glibc kept in its heap back to the kernel, and leaves
-live tensors as they were."""
+"""ops/host_memory.py against glibc: freed tensor memory that the heap kept goes back to the kernel on
+release_freed_memory, blocks above the fixed mmap threshold go back on free, and live tensors keep their values.
+(The PPO stage fixes the threshold for its process, and so for the rest of a test session that ran it: each test
+sets up the allocator state it needs first.)"""
 import platform
 
 import pytest
 import torch
 
-from refinery.ops.host_memory import release_freed_memory
+from refinery.ops.host_memory import MMAP_THRESHOLD, map_large_blocks, release_freed_memory
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's allocator")
 
 
 def rss_mb() -> float:
@@ -16,17 +21,30 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
+def fragmented(block_floats: int, count: int) -> list[torch.Tensor]:
+    """`count` blocks written (so their pages are resident), every other one freed: holes in the middle of
+    the heap, which plain free() keeps; returns the live half."""
+    blocks = [torch.full((block_floats,), float(i)) for i in range(count)]
+    return blocks[1::2]
+
+
 def test_freed_heap_blocks_go_back_and_live_tensors_stay():
-    # glibc serves blocks under its mmap threshold from the heap; freeing a 24 MB mapped block raises that
-    # threshold (its dynamic rule), so the 1 MB tensors below come from the heap, as a PPO step's do
-    big = torch.ones(24 * 2**18)
+    big = torch.ones(24 * 2**18)  # freeing a 24 MB mapped block raises glibc's dynamic threshold above 256 KB
     del big
-    blocks = [torch.full((2**18,), float(i)) for i in range(300)]  # 300 x 1 MB, written so the pages are resident
-    keep = blocks[1::2]
-    del blocks  # every other block freed: holes in the middle of the heap, which plain free() keeps
+    keep = fragmented(2**16, 1200)  # 1,200 x 256 KB: from the heap whatever the threshold is now
     before = rss_mb()
     assert release_freed_memory()
     after = rss_mb()
     assert after < before - 60, (before, after)  # ~150 MB were freed
+    assert all(float(t[0]) == 2 * i + 1 for i, t in enumerate(keep))
+
+
+def test_blocks_above_the_fixed_threshold_go_back_on_free():
+    big = torch.ones(24 * 2**18)  # as above: without a fixed threshold, 2 MB blocks would come from the heap
+    del big
+    assert map_large_blocks()
+    block = 2 * MMAP_THRESHOLD // 4  # floats: a 2 MB block
+    start = rss_mb()
+    keep = fragmented(block, 160)  # 160 x 2 MB, the 80 freed ones returned at once
+    assert rss_mb() < start + 80 * 2 + 60, (start, rss_mb())
     assert all(float(t[0]) == 2 * i + 1 for i, t in enumerate(keep))

@@ -85,7 +85,7 @@ def test_a_trunk_head_run_resumes_exactly(tiny_base, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_at_5(step, metrics, rollout):
+    def crash_at_5(step, metrics, _rollout):
         if step == 5:
             raise Crash
 
