@@ -76,6 +76,9 @@ def run_ours(spec_path: str, value_model: str) -> None:
 
     from flows.ppo import build_models, load_inputs, make_trainer
     from refinery.modeling.precision import compute_precision
+    from refinery.ops.host_memory import settle_process
+
+    settle_process()  # as the stage does at its start
 
     spec = json.loads(Path(spec_path).read_text())
     s = spec["settings"]

@@ -33,7 +33,7 @@ from refinery.modeling.loading import (
 from refinery.modeling.manifest import check_same_tokenizer
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
 from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
-from refinery.ops.host_memory import bound_kernel_cache, map_large_blocks, release_freed_memory
+from refinery.ops.host_memory import release_freed_memory, settle_process
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -192,8 +192,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", rewa
                  data_dir: str = "data/prepared", overrides: dict | None = None, **_) -> None:
     """A non-zero rank of a multi-process PPO: the same models and steps as rank 0 on its share of each step's
     prompts; rank 0 records, evaluates and saves."""
-    bound_kernel_cache()  # before the first matmul (ops/host_memory.py)
-    map_large_blocks()
+    settle_process()  # allocator and kernel-cache settings, before the first matmul (ops/host_memory.py)
     job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
     m = build_models(job)
     with compute_precision(m.precision):
@@ -203,8 +202,7 @@ def train_worker(params_dir: str = "params", input_dir: str = "models/sft", rewa
 @flow(name="ppo", flow_run_name=flow_run_namer("ppo"))
 def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_dir: str = "models/reward",
              data_dir: str = "data/prepared", out_dir: str = "models/ppo", overrides: dict | None = None):
-    bound_kernel_cache()  # before the first matmul (ops/host_memory.py)
-    map_large_blocks()
+    settle_process()  # allocator and kernel-cache settings, before the first matmul (ops/host_memory.py)
     try:
         job = load_inputs(params_dir, input_dir, reward_dir, data_dir, overrides)
     except UserError as exc:

@@ -56,3 +56,9 @@ def bound_kernel_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
     """Cap oneDNN's primitive cache for this process and its children. oneDNN reads the variable when it
     creates its first kernel, so call this before the first matmul; a value the user set is kept."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+def settle_process() -> None:
+    """What the PPO stage sets at its start (before the first matmul): oneDNN's cache capped, large blocks mapped."""
+    bound_kernel_cache()
+    map_large_blocks()
