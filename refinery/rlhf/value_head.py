@@ -2,8 +2,8 @@
 
 The default (`separate`) is InstructGPT's: a value model of its own, initialised from the reward model, which
 costs a second trunk's forward in scoring and a second forward and backward in every mini-batch. With
-`policy_trunk` the values are a linear head on the policy's last hidden state (as TRL's earlier
-`AutoModelForCausalLMWithValueHead` and Ziegler et al.'s lm-human-preferences did): one trunk forward gives the
+`policy_trunk` the values are a linear head on the policy's last hidden state (as TRL's PPO did with
+`AutoModelForCausalLMWithValueHead` before its 0.12 rewrite): one trunk forward gives the
 response log-probs and the values, and one backward carries `pg_loss + vf_coef * vf_loss`, so the value loss
 also trains the policy's adapter (`vf_coef` weighs how much). The head starts as a copy of the reward model's
 score head: the reward model is the SFT model plus a merged adapter, so its head reads nearly the features the
