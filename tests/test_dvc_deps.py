@@ -27,6 +27,8 @@ NOT_OUTPUT_AFFECTING = {
     "refinery/ops/dvc_deps.py": "checks dvc.yaml before a stage runs",
     "refinery/ops/dvc_alignment.py": "writes dvc.yaml's alignment blocks (read by dvc_deps); no stage output",
     "refinery/ops/health.py": "probes whether MLflow/Prefect servers answer",
+    "refinery/ops/host_memory.py": "allocator and kernel-cache settings; nothing computed changes "
+                                   "(tests/test_host_memory.py; the demo's PPO run identical with and without)",
     "refinery/ops/prefect_artifacts.py": "Prefect UI artifacts (summaries, tables)",
     "refinery/ops/prefect_link.py": "links between the Prefect UI and MLflow",
     "refinery/ops/prefect_tasks.py": "Prefect task wrappers (caching off, retries, names)",
