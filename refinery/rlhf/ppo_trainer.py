@@ -141,10 +141,6 @@ class PPOTrainer:
         with self.policy.disable_adapter():
             return policy_stats(self.policy, r, self.cfg.temperature)[0]
 
-    def value_of(self, r: Rollout) -> torch.Tensor:
-        """Per-token values on the scores' scale (a separate value model's)."""
-        return self.scaled(values(self.value_model, r))
-
     def scoring_stats(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampling policy's log-probs and the raw values of a rollout: one forward with a trunk head."""
         if self.shared_trunk:
@@ -223,18 +219,17 @@ class PPOTrainer:
                 weight = share * self.ranks.world
                 if self.shared_trunk:
                     logprobs, entropy, raw_v = trunk_stats(self.policy, self.value_model, sub, cfg.temperature)
-                    vpred = self.scaled(raw_v)
                 else:
                     logprobs, entropy = policy_stats(self.policy, sub, cfg.temperature)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, old_logprobs[mb], adv[mb], m,
                                                                    cfg.clip_range)
-                if not self.shared_trunk:
+                if not self.shared_trunk:  # the policy's term now, before the value model's forward
                     (pg_loss * weight).backward()
-                    vpred = self.value_of(sub)
-                vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values[mb], returns[mb], m,
+                    raw_v = values(self.value_model, sub)
+                vf_loss, vf_clipfrac = clipped_value_loss(self.scaled(raw_v), old_values[mb], returns[mb], m,
                                                           cfg.clip_range_value)
-                ((pg_loss + cfg.vf_coef * vf_loss) * weight if self.shared_trunk
-                 else cfg.vf_coef * vf_loss * weight).backward()
+                value_term = cfg.vf_coef * vf_loss
+                ((pg_loss + value_term if self.shared_trunk else value_term) * weight).backward()
                 for opt, params in zip((self.opt_policy, self.opt_value), trained):
                     self.ranks.average_gradients(params)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

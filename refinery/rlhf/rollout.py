@@ -144,13 +144,22 @@ def policy_stats(model, r: Rollout, temperature: float = 1.0) -> tuple[torch.Ten
     return logprobs_from_logits(logits, r.responses), entropy_from_logits(logits)
 
 
-def values(value_model, r: Rollout) -> torch.Tensor:
-    """Per-token values from the value model's backbone + scalar head (the reward model's architecture)."""
-    inner = unwrapped(value_model)
+def response_hidden(inner, r: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backbone's last hidden state at the positions that predict the response tokens, and where they go:
+    ([K, H], the [B, R] keep mask) for a padding-free rollout (`unflatten` puts per-position outputs back), or
+    ([B, R, H], None) for the padded batch. `inner` is the unwrapped model (its `.model` is the backbone)."""
     if r.padding_free:
         f = flat_inputs(r)
         hidden = inner.model(input_ids=f.input_ids, position_ids=f.position_ids, use_cache=False).last_hidden_state
-        return unflatten(inner.score(hidden[0, f.predicting]).squeeze(-1).float(), f.keep)
+        return hidden[0, f.predicting], f.keep
     hidden = inner.model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
                          use_cache=False).last_hidden_state
-    return inner.score(hidden[:, r.prompt_width - 1:-1]).squeeze(-1).float()
+    return hidden[:, r.prompt_width - 1:-1], None
+
+
+def values(value_model, r: Rollout) -> torch.Tensor:
+    """Per-token values from the value model's backbone + scalar head (the reward model's architecture)."""
+    inner = unwrapped(value_model)
+    hidden, keep = response_hidden(inner, r)
+    v = inner.score(hidden).squeeze(-1).float()
+    return v if keep is None else unflatten(v, keep)

@@ -16,7 +16,7 @@ import torch
 
 from refinery.modeling.loading import unwrapped
 from refinery.rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
-from refinery.rlhf.rollout import Rollout, flat_inputs, unflatten
+from refinery.rlhf.rollout import Rollout, response_hidden, unflatten
 
 
 class TrunkValueHead(torch.nn.Module):
@@ -65,14 +65,9 @@ def trunk_stats(policy, head: TrunkValueHead, r: Rollout, temperature: float = 1
     trunk: the LM head and the value head read the same hidden states, at the positions that predict the
     response tokens (rollout.policy_stats and rollout.values read the same positions, each with its own model)."""
     inner = unwrapped(policy)
-    if r.padding_free:
-        f = flat_inputs(r)
-        hidden = inner.model(input_ids=f.input_ids, position_ids=f.position_ids,
-                             use_cache=False).last_hidden_state[0, f.predicting]
-        logits = inner.get_output_embeddings()(hidden) / temperature
-        return (unflatten(logprobs_from_logits(logits, r.responses[f.keep]), f.keep),
-                unflatten(entropy_from_logits(logits), f.keep), unflatten(head(hidden), f.keep))
-    hidden = inner.model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids(),
-                         use_cache=False).last_hidden_state[:, r.prompt_width - 1:-1]
+    hidden, keep = response_hidden(inner, r)
     logits = inner.get_output_embeddings()(hidden) / temperature
-    return logprobs_from_logits(logits, r.responses), entropy_from_logits(logits), head(hidden)
+    if keep is None:
+        return logprobs_from_logits(logits, r.responses), entropy_from_logits(logits), head(hidden)
+    return (unflatten(logprobs_from_logits(logits, r.responses[keep]), keep),
+            unflatten(entropy_from_logits(logits), keep), unflatten(head(hidden), keep))
