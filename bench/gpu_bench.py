@@ -571,14 +571,16 @@ def case_qlora_7b(ctx: Ctx) -> dict:
     return res
 
 
-def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
+def case_ppo(ctx: Ctx, precision: str = "auto", value_model: str | None = None) -> dict:
     """The ppo stage's PPO at the 1B size, as flows/ppo.py `build_models` + `make_trainer` set it up for `method:
     lora` (that module imports Prefect, which the device machine lacks, so the same steps are spelled out here, in
-    its order): the policy (random 1B causal LM, KV cache on) and the value model (random 1B scalar-head model),
-    gradient checkpointing on both (params/ppo.yaml's default), LoRA from params/ppo.yaml on both, the reference =
-    the policy with its adapter off, the reward model = the value model with its adapter off (ppo_judge), frozen
-    linears held in the compute dtype (store_frozen_linears), everything under compute_precision. The reward is the
-    judge's real forward over the decoded answers (rm_scores), as the stage's reward_fn does."""
+    its order): the policy (random 1B causal LM, KV cache on) with LoRA from params/ppo.yaml, the reference = the
+    policy with its adapter off, gradient checkpointing as params/ppo.yaml sets it, frozen linears held in the
+    compute dtype (store_frozen_linears), everything under compute_precision. The value model is params/ppo.yaml's
+    `value_model` unless `value_model` is given: `policy_trunk` (the default) a value head on the policy's trunk
+    started from the score head of a frozen random 1B scalar-head reward model; `separate` a random 1B scalar-head
+    value model with LoRA whose adapter-off self is the reward model (ppo_judge). The reward is the judge's real
+    forward over the decoded answers (rm_scores), as the stage's reward_fn does."""
     import torch
 
     from refinery.config import load_params
@@ -588,6 +590,7 @@ def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
     from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
     from refinery.rlhf.policy_eval import decode_responses, ppo_judge, rm_scores
     from refinery.rlhf.ppo_trainer import PPOTrainer
+    from refinery.rlhf.value_head import head_from_reward_model
 
     tok = ctx.tokenizer()
     steps = 3 if ctx.tiny else 4
@@ -595,8 +598,10 @@ def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
     # step 3 and produced NaN sampling probabilities at step 4 (a CUDA assert that ends the process). Throughput and
     # memory do not depend on the learning rate.
     upd = dict(steps=steps, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16 if ctx.tiny else 64,
-               save_steps=steps, keep_checkpoints=1, method="lora", lr=1e-5, value_lr=1e-5)
+               save_steps=steps, keep_checkpoints=1, method="lora", lr=1e-5, value_lr=1e-5,
+               **({"value_model": value_model} if value_model else {}))
     cfg = load_params("ppo").model_copy(update=upd)
+    trunk = cfg.value_model == "policy_trunk"
     recs = [r for _, r in read_jsonl(ctx.data_dir / "prompts" / "train.jsonl")]
     keep = [i for i, r in enumerate(recs) if len(prompt_ids(tok, r["prompt"])) <= cfg.max_prompt_tokens] or list(
         range(len(recs)))
@@ -604,16 +609,22 @@ def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
     prompts = [prompt_ids(tok, r["prompt"]) for r in recs]
     start = gpu_reset()
     torch.manual_seed(SEED)
-    policy, value = build_model(ctx, "causal"), build_model(ctx, "seqcls")
+    policy, scalar = build_model(ctx, "causal"), build_model(ctx, "seqcls")
     policy.config.use_cache = True
+    if trunk:  # the judge frozen on its own, the values from a head on the policy's trunk (flows/ppo.build_models)
+        judge = scalar.eval().requires_grad_(False)
+        value = head_from_reward_model(policy, judge)
+    else:
+        value = scalar
     if cfg.gradient_checkpointing:
-        for m in (policy, value):
+        for m in ((policy,) if trunk else (policy, value)):
             m.activation_checkpointing_enable()
     policy = apply_method(policy, cfg, "CAUSAL_LM", seed=SEED)
-    value = apply_method(value, cfg, "SEQ_CLS", seed=SEED)
-    judge = ppo_judge(value, cfg.method, "", False, None)
+    if not trunk:
+        value = apply_method(value, cfg, "SEQ_CLS", seed=SEED)
+        judge = ppo_judge(value, cfg.method, "", False, None)
     prec = resolve(precision)
-    freed = sum(store_frozen_linears(m, prec) for m in (policy, value))
+    freed = sum(store_frozen_linears(m, prec) for m in ((policy, judge) if trunk else (policy, value)))
     at_rest = gpu_mb()
 
     def reward_fn(idx, rollout):
@@ -625,9 +636,10 @@ def case_ppo(ctx: Ctx, precision: str = "auto") -> dict:
         state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / f"ppo-{prec}", seed=SEED).train()
     h = state.history
     later = h[1:] or h
-    return {"case": f"ppo-{prec}", "precision": prec, "allocated_at_start_mb": round(start, 1), "steps": len(h),
+    return {"case": f"ppo-{prec}" + ("" if trunk else "-separate"), "precision": prec,
+            "allocated_at_start_mb": round(start, 1), "steps": len(h),
             "settings": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                                                      "temperature", "gradient_checkpointing")},
+                                                      "temperature", "gradient_checkpointing", "value_model")},
             "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules)},
             "prompt_tokens_median": statistics.median(len(p) for p in prompts), "prompts": len(prompts),
             "frozen_weights_16bit_mb": round(freed / 2**20, 1), "models_at_rest_mb": at_rest,
@@ -894,9 +906,10 @@ def run(args) -> int:
         results["data"] = {"sft": ctx.sft[2], "pairs": ctx.pairs[2]}
         results["model_vocab"], results["model_params"] = model_size(ctx)
         # what matters most first: the rounds, the profiles, PPO in the stage's precision and in fp32 (its memory
-        # against bf16; a CUDA assert there would end the process), QLoRA 7B; the budget skips what would not fit
+        # against bf16; a CUDA assert there would end the process), QLoRA 7B, then PPO with a separate value model
+        # (against the default trunk head); the budget skips what would not fit
         rounds = [f"r{i}" for i in range(1, args.repeats + 1)]
-        plan = [*rounds, "profile", "ppo", "ppo-fp32", "qlora"]
+        plan = [*rounds, "profile", "ppo", "ppo-fp32", "qlora", "ppo-separate"]
         results["profiles"] = {}
         for step in plan:
             if step.startswith("r"):
@@ -906,7 +919,8 @@ def run(args) -> int:
                                        or {"skipped": results["skipped"].get("qlora-7b")})
             elif step.startswith("ppo") and not args.skip_ppo:
                 prec = "fp32" if step == "ppo-fp32" else "auto"
-                r = task(step, functools.partial(case_ppo, precision=prec), "ppo")
+                vm = "separate" if step == "ppo-separate" else None  # None: params/ppo.yaml's value_model
+                r = task(step, functools.partial(case_ppo, precision=prec, value_model=vm), "ppo")
                 results.setdefault("ppo_runs", {})[step] = r or {"skipped": results["skipped"].get(step)}
             elif step == "profile" and not args.skip_profile:
                 for case in ("sft-ours-liger", "sft-trl-liger") if ctx.liger else ("sft-ours", "sft-trl"):
@@ -1220,10 +1234,11 @@ def qlora_lines(q: dict | None) -> list[str]:
     return out
 
 
-def ppo_weight_formula(results: dict, r: int) -> dict | None:
+def ppo_weight_formula(results: dict, r: int, trunk: bool = False) -> dict | None:
     """bench/ppo_memory.py's weight bytes for the 1B config with LoRA r on all seven projections: bf16 frozen
-    linears in two models (policy; value = reward model), or both fp32: 2 x (2 N_lin + 4 N_other) + 4 T and
-    2 x 4 (N_lin + N_other) + 4 T."""
+    linears in two models (policy; value = reward model, or with `trunk` the frozen reward model beside the policy),
+    or both fp32: 2 x (2 N_lin + 4 N_other) + 4 T and 2 x 4 (N_lin + N_other) + 4 T. T: the trained LoRA (the
+    policy's, and the value model's unless `trunk`) and the score head."""
     c, vocab = results.get("settings", {}).get("model"), results.get("model_vocab")
     if not c or not vocab:
         return None
@@ -1232,13 +1247,18 @@ def ppo_weight_formula(results: dict, r: int) -> dict | None:
     n_lin = L * (2 * h * h + 2 * h * kv + 3 * h * i)       # the tied LM head is the embedding: not a frozen linear
     n_other = vocab * h + (2 * L + 1) * h                  # embedding, norms
     lora = L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-    t = 2 * lora + h                                       # policy's and value model's LoRA, the value score head
+    t = (1 if trunk else 2) * lora + h                     # policy's (and value model's) LoRA, the value score head
     return {"bf16": 2 * (2 * n_lin + 4 * n_other) + 4 * t, "fp32": 2 * 4 * (n_lin + n_other) + 4 * t,
             "n_lin": n_lin, "n_other": n_other, "t": t}
 
 
 VARIANTS = {"nocudnn": "SDPA without cuDNN's backend (what the stage now does)", "eager": "eager attention",
             "fp32-nocudnn": "SDPA without cuDNN's backend", "default": "every SDPA backend allowed"}
+
+
+def value_model_of(run: dict) -> str:
+    """A PPO run's value model; runs from before `value_model` existed built a separate one."""
+    return run.get("settings", {}).get("value_model") or "separate"
 
 
 def ppo_lines(results: dict) -> list[str]:
@@ -1265,10 +1285,13 @@ def ppo_lines(results: dict) -> list[str]:
     if not done:
         return out + ([] if runs else ["Not run."])
     s, first = done[0]["settings"], done[0]
-    out += ["Policy: the 1B causal model above; value model: the same shape with a scalar head (random weights); LoRA "
-            f"r={first.get('lora', {}).get('r', 16)} on both "
-            f"({', '.join(first.get('lora', {}).get('targets', [])) or 'q, k, v, o, gate, up, down'}); reference = the "
-            "policy with its adapter off; reward model = the value model with its adapter off, scoring the decoded "
+    r = first.get("lora", {}).get("r", 16)
+    out += ["Policy: the 1B causal model above with LoRA "
+            f"r={r} ({', '.join(first.get('lora', {}).get('targets', [])) or 'q, k, v, o, gate, up, down'}); reference "
+            "= the policy with its adapter off. Value model (column `value model`, params/ppo.yaml `value_model`): "
+            "`policy_trunk` (the default) a value head on the policy's trunk, the reward model a frozen model of the same "
+            "shape with a scalar head (random weights); `separate` (the runs before it existed have no value) a model "
+            "of that shape with LoRA whose adapter-off self is the reward model. The reward model scores the decoded "
             "answers (its real forward, as the stage's reward_fn); gradient checkpointing "
             f"{'on' if s.get('gradient_checkpointing') else 'off'} (params/ppo.yaml); frozen linear weights held in the "
             "compute dtype under bf16 (`store_frozen_linears`). "
@@ -1276,25 +1299,26 @@ def ppo_lines(results: dict) -> list[str]:
             f"{first.get('prompts')} demo prompts), {s['max_new_tokens']} new tokens, mini-batch {s['mini_batch_size']}, "
             f"{s['ppo_epochs']} PPO epochs, {first['steps']} steps. Peak GPU memory is `max_memory_allocated` over the "
             "training, the models included.", "",
-            "| variant | precision | episodes/s (median, steps 2..N) | generated tokens/s | mean response length | step seconds "
-            "| models at rest MiB | frozen weights in 16 bits MiB | peak GPU memory MiB |",
-            "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+            "| variant | value model | precision | episodes/s (median, steps 2..N) | generated tokens/s | mean response "
+            "length | step seconds | models at rest MiB | frozen weights in 16 bits MiB | peak GPU memory MiB |",
+            "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for p in done:
-        out.append(f"| {VARIANTS.get(p.get('variant'), p.get('variant') or 'in the main run')} | {p.get('precision', 'fp32')} | "
-                   f"{fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
+        out.append(f"| {VARIANTS.get(p.get('variant'), p.get('variant') or 'in the main run')} | {value_model_of(p)} | "
+                   f"{p.get('precision', 'fp32')} | {fmt(p.get('episodes_per_second_median_after_step1'), 2)} | "
                    f"{fmt(p.get('generated_tokens_per_second_median_after_step1'))} | {fmt(p.get('response_length_mean'))} | "
                    f"{', '.join(str(x) for x in p.get('step_seconds', []))} | {fmt(p.get('models_at_rest_mb'), 0)} | "
                    f"{fmt(p.get('frozen_weights_16bit_mb'), 0)} | {fmt(p.get('peak_gpu_mb'), 0)} |")
-    formula = ppo_weight_formula(results, first.get("lora", {}).get("r", 16))
-    if formula:
-        out += ["", "- Weight memory against the formula of bench/ppo_memory.py (README \"PPO memory\"): "
-                + "; ".join(f"{p.get('precision')}: predicted {formula[p.get('precision')] / 2**20:,.0f} MiB, measured "
-                            f"{p['models_at_rest_mb']:,.0f} MiB (GPU memory allocated once the models are built)"
-                            for p in done if p.get("models_at_rest_mb") and p.get("precision") in formula
-                            and p.get("variant") != "eager")
-                + f". N_lin {formula['n_lin']:,}, N_other {formula['n_other']:,}, T {formula['t']:,} (LoRA of policy "
-                "and value model, and the value model's score head)."]
-    by = {p.get("precision"): p for p in done if p.get("variant") != "eager"}
+    checks = []
+    for p in done:
+        formula = ppo_weight_formula(results, r, trunk=value_model_of(p) == "policy_trunk")
+        if formula and p.get("models_at_rest_mb") and p.get("precision") in formula and p.get("variant") != "eager":
+            checks.append(f"{value_model_of(p)}, {p.get('precision')}: predicted {formula[p.get('precision')] / 2**20:,.0f}"
+                          f" MiB, measured {p['models_at_rest_mb']:,.0f} MiB (T {formula['t']:,})")
+    if checks:
+        out += ["", "- Weight memory against the formula of bench/ppo_memory.py (README \"PPO memory\"; GPU memory "
+                "allocated once the models are built; T: the trained LoRA and the value score head): "
+                + "; ".join(checks) + "."]
+    by = {p.get("precision"): p for p in done if p.get("variant") != "eager" and value_model_of(p) == value_model_of(first)}
     if by.get("bf16", {}).get("peak_gpu_mb") and by.get("fp32", {}).get("peak_gpu_mb"):
         b16, f32 = by["bf16"], by["fp32"]
         out += ["", f"- bf16 / fp32: peak memory {b16['peak_gpu_mb'] / f32['peak_gpu_mb']:.2f}×, episodes/s "

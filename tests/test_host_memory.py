@@ -48,3 +48,32 @@ def test_blocks_above_the_fixed_threshold_go_back_on_free():
     keep = fragmented(block, 160)  # 160 x 2 MB, the 80 freed ones returned at once
     assert rss_mb() < start + 80 * 2 + 60, (start, rss_mb())
     assert all(float(t[0]) == 2 * i + 1 for i, t in enumerate(keep))
+
+
+def test_evaluation_returns_each_chunks_memory_and_answers_stay_the_same(tiny_base, monkeypatch):
+    """The PPO evaluation trims after every generation chunk (policy_eval EVAL_TRIM: its growth was the demo
+    stage's peak), and trimming changes no answer: the same sampled and greedy answers with and without it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    import refinery.rlhf.policy_eval as pe
+    from refinery.data.chat import prompt_ids
+    from refinery.modeling.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    prompts = [prompt_ids(tok, f"Tell me about topic {i}" + " and more" * i) for i in range(10)]
+    cfg = SimpleNamespace(eval_max_new_tokens=6, temperature=0.7, top_k=0, top_p=1.0)
+
+    def answers():
+        sampled = pe.sampled_answers(model, tok, prompts, cfg, k=2, seed=3, batch_size=4)
+        greedy = [pe.decode_responses(tok, r) for _, r in pe.greedy_rollouts(model, tok, prompts, 6, batch_size=4)]
+        return sampled, greedy
+
+    calls = []
+    monkeypatch.setattr(pe, "release_freed_memory", lambda: calls.append(1) or True)
+    trimmed = answers()
+    assert len(calls) == 3 + 3  # 10 prompts in chunks of <= 4, in each of the two generations
+    monkeypatch.setattr(pe, "release_freed_memory", lambda: True)
+    assert answers() == trimmed
