@@ -633,7 +633,8 @@ def case_ppo(ctx: Ctx, precision: str = "auto", value_model: str | None = None) 
 
     gpu_reset()
     with compute_precision(prec):
-        state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / f"ppo-{prec}-{cfg.value_model}", seed=SEED).train()
+        state = PPOTrainer(cfg, policy, value, reward_fn, prompts, tok, ctx.work / f"ppo-{prec}-{cfg.value_model}",
+                           seed=SEED).train()
     h = state.history
     later = h[1:] or h
     return {"case": f"ppo-{prec}" + ("" if trunk else "-separate"), "precision": prec,
