@@ -135,9 +135,17 @@ def prompts_digest(prompts: list) -> str:
 
 
 def rm_scores(reward_model, tokenizer, prompts: list[str], answers: list[str], max_length: int = 512) -> torch.Tensor:
+    """The reward model's score of each (prompt, answer). No trim here: PPO's and GRPO's reward functions call it
+    every training step (PPO's trainer trims once per step, after the whole step); the evaluation trims after its own calls
+    (`scored`)."""
     seqs = [render(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
-    scores = torch.tensor(score(reward_model, seqs, tokenizer.pad_token_id))
-    release_freed_memory()  # see EVAL_TRIM
+    return torch.tensor(score(reward_model, seqs, tokenizer.pad_token_id))
+
+
+def scored(reward_model, tokenizer, prompts: list[str], answers: list[str]) -> torch.Tensor:
+    """`rm_scores` for the evaluation, which then returns the scoring's freed heap (see EVAL_TRIM)."""
+    scores = rm_scores(reward_model, tokenizer, prompts, answers)
+    release_freed_memory()
     return scores
 
 
@@ -181,7 +189,7 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
     prompts = [r["prompt"] for r in records]
     a_pol, a_sft = (in_prompt_order([(c, decode_responses(tokenizer, r)) for c, r in batches], n)
                     for batches in (r_pol, r_sft))
-    s_pol, s_sft = rm_scores(reward_model, tokenizer, prompts, a_pol), rm_scores(reward_model, tokenizer, prompts, a_sft)
+    s_pol, s_sft = scored(reward_model, tokenizer, prompts, a_pol), scored(reward_model, tokenizer, prompts, a_sft)
     greedy_wins = win_rate(s_pol.tolist(), s_sft.tolist(), seed=seed)
     wins, basis = greedy_wins, "greedy: one greedy answer per prompt from each policy"
     k = cfg.eval_samples
@@ -191,8 +199,8 @@ def evaluate_policy(policy, sft_model, sft_context, reward_model, tokenizer, rec
             sampled_sft = sampled_answers(sft_model, tokenizer, prompt_ids, cfg, k, seed)
 
         def sampled_scores(answers):
-            flat = rm_scores(reward_model, tokenizer, [p for p in prompts for _ in range(k)],
-                             [a for row in answers for a in row])
+            flat = scored(reward_model, tokenizer, [p for p in prompts for _ in range(k)],
+                          [a for row in answers for a in row])
             return flat.view(len(prompts), k)
 
         by_prompt = {"policy": sampled_scores(sampled_pol).tolist(), "sft": sampled_scores(sampled_sft).tolist()}
