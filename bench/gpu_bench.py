@@ -1314,7 +1314,8 @@ def ppo_lines(results: dict) -> list[str]:
         formula = ppo_weight_formula(results, r, trunk=value_model_of(p) == "policy_trunk")
         if formula and p.get("models_at_rest_mb") and p.get("precision") in formula and p.get("variant") != "eager":
             checks.append(f"{value_model_of(p)}, {p.get('precision')}: predicted {formula[p.get('precision')] / 2**20:,.0f}"
-                          f" MiB, measured {p['models_at_rest_mb']:,.0f} MiB (T {formula['t']:,})")
+                          f" MiB, measured {p['models_at_rest_mb']:,.0f} MiB (N_lin {formula['n_lin']:,}, "
+                          f"N_other {formula['n_other']:,}, T {formula['t']:,})")
     if checks:
         out += ["", "- Weight memory against the formula of bench/ppo_memory.py (README \"PPO memory\"; GPU memory "
                 "allocated once the models are built; T: the trained LoRA and the value score head): "
