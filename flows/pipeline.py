@@ -33,6 +33,7 @@ from refinery.ops.prefect_log import run_logged
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.repo_lock import repository_lock
 from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
+from refinery.ops.warm_start import WarmServer
 
 REPORT = Path("reports/pipeline/report.md")
 TIMING = Path("reports/pipeline-timing.json")  # beside, not inside, the report stage's DVC out
@@ -162,17 +163,26 @@ def _run_pipeline(from_stage: str | None, to_stage: str | None, overrides: dict 
                            tags={"prefect_flow_run_id": flow_run_id}) as rec:
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id, "REFINERY_PREFECT_FLOW_RUN_ID": flow_run_id}
         t_start, status_s, walls = time.perf_counter(), 0.0, {}
-        for stage in stages:
-            t0 = time.perf_counter()
-            status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
-            status_s += time.perf_counter() - t0
-            if status or force:
-                walls[stage] = run_stage.with_options(task_run_name=stage)(stage, env, force=force)
-                results[stage] = "ran"
-            else:
-                skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")
-                results[stage] = "skipped (up to date)"
-            tag_dvc_hash.with_options(task_run_name=f"lineage-{stage}")(stage, rec.run_id)
+        # the stage processes DVC starts fork from one interpreter that imported torch & co. once
+        # (refinery/ops/warm_start.py); started with the first stage that runs, which itself starts cold
+        warm = WarmServer({**child_env("warm_start", env)[0], "PYTHONUNBUFFERED": "1"})
+        try:
+            for i, stage in enumerate(stages):
+                t0 = time.perf_counter()
+                status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
+                status_s += time.perf_counter() - t0
+                if status or force:
+                    stage_env = warm.offer(env)
+                    if i < len(stages) - 1:
+                        warm.start()  # imports while this stage runs (cold); later ones fork from it
+                    walls[stage] = run_stage.with_options(task_run_name=stage)(stage, stage_env, force=force)
+                    results[stage] = "ran"
+                else:
+                    skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")
+                    results[stage] = "skipped (up to date)"
+                tag_dvc_hash.with_options(task_run_name=f"lineage-{stage}")(stage, rec.run_id)
+        finally:
+            warm.close()
         rec.log_text("\n".join(f"{k}: {v}" for k, v in results.items()), "stages.txt")
         timing = overhead(time.perf_counter() - t_start, status_s, walls, rec.run_id)
         rec.log_step(0, {f"timing.{k}": v for k, v in timing.items() if isinstance(v, (int, float))})

@@ -70,7 +70,8 @@ def lineage_tags() -> dict[str, str]:
     """Cross-links: git commit, the Prefect flow run (id and UI URL), the pipeline's flow run."""
     from refinery.modeling.manifest import git_commit
 
-    tags = {"git_commit": git_commit() or "none"}
+    # "warm": the stage process was forked from the pipeline's warm server (refinery/ops/warm_start.py)
+    tags = {"git_commit": git_commit() or "none", "process_start": os.environ.get("REFINERY_PROCESS_START", "cold")}
     try:
         from prefect.context import FlowRunContext
         from prefect.settings import get_current_settings
