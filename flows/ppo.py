@@ -33,7 +33,7 @@ from refinery.modeling.loading import (
 from refinery.modeling.manifest import check_same_tokenizer
 from refinery.modeling.methods import apply_method, check_stage_method, count_parameters
 from refinery.modeling.precision import compute_precision, resolve, store_frozen_linears
-from refinery.ops.host_memory import release_freed_memory, settle_process
+from refinery.ops.host_memory import release_freed_memory, settle_for_evaluation, settle_process
 from refinery.ops.prefect_artifacts import Progress, metrics_table, publish_summary
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.stage_cli import (
@@ -227,6 +227,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
               f"{cfg.steps} steps x {cfg.batch_size} episodes")
         state = train_ppo(trainer)
         release_freed_memory()  # the training steps' freed heap, before the evaluation's generation
+        settle_for_evaluation()  # its KV caches and logits from the heap, not mapped per step (ops/host_memory.py)
         if ref_model is None:
             sft_model, sft_ctx = policy, policy.disable_adapter
         else:

@@ -7,7 +7,13 @@ import platform
 import pytest
 import torch
 
-from refinery.ops.host_memory import MMAP_THRESHOLD, map_large_blocks, release_freed_memory
+from refinery.ops.host_memory import (
+    EVAL_MMAP_THRESHOLD,
+    MMAP_THRESHOLD,
+    map_large_blocks,
+    release_freed_memory,
+    settle_for_evaluation,
+)
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's allocator")
@@ -48,6 +54,21 @@ def test_blocks_above_the_fixed_threshold_go_back_on_free():
     keep = fragmented(block, 160)  # 160 x 2 MB, the 80 freed ones returned at once
     assert rss_mb() < start + 80 * 2 + 60, (start, rss_mb())
     assert all(float(t[0]) == 2 * i + 1 for i, t in enumerate(keep))
+
+
+def test_the_evaluation_keeps_its_blocks_in_the_heap_and_the_trim_returns_them():
+    """Under the evaluation's threshold the same 2 MB blocks come from the heap (no map, fault and unmap per
+    decoding step), so their freed half stays resident until the evaluation's trim returns it."""
+    assert settle_for_evaluation() and EVAL_MMAP_THRESHOLD > 2 * MMAP_THRESHOLD
+    release_freed_memory()  # what earlier tests left free in the heap would otherwise be reused, already resident
+    start = rss_mb()
+    keep = fragmented(2 * MMAP_THRESHOLD // 4, 160)
+    held = rss_mb()
+    assert held > start + 160 * 2 - 60, (start, held)  # the freed 80 x 2 MB are still the process's
+    assert release_freed_memory()
+    assert rss_mb() < held - 80 * 2 + 60, (held, rss_mb())
+    assert all(float(t[0]) == 2 * i + 1 for i, t in enumerate(keep))
+    map_large_blocks()  # back to the stage's training setting for whatever test runs next
 
 
 def test_evaluation_returns_each_chunks_memory_and_answers_stay_the_same(tiny_base, monkeypatch):

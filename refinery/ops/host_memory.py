@@ -27,6 +27,16 @@ ONEDNN_CACHE_CAPACITY = 64
 # as fast (8 steps: 6.0 s against 6.2 s a step); at 256 KB the steps were ~1.7x slower (a page fault per block).
 MMAP_THRESHOLD = 1 << 20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# ...but not for the evaluation after training, which generates for 16-32 rows at once: its per-layer KV-cache
+# blocks, the [rows, vocab] logits of each decoding step and the reward model's activations are 1-10 MB, so under
+# MMAP_THRESHOLD each was mapped, page-faulted and unmapped again at every decoding step. That was the demo PPO
+# evaluation's unexplained slowdown (README "PPO memory"). Measured on it (models loaded, no training: 50 prompts,
+# greedy and 4 sampled answers per prompt and policy, all scored; same machine, one after the other): 237 and
+# 252 s with 1 MB, 263 s with 8 MB (its sampling as slow; a test run overlapped its first phase), 162 s with 32 MB,
+# 133 s with glibc's dynamic threshold (no settle_process); the process's peak during it 1.81 GB (1 MB), 1.88 GB
+# (8 MB), 2.04 GB (32 MB). 32 MB is glibc's own ceiling for its dynamic threshold; the evaluation trims after every chunk
+# (policy_eval EVAL_TRIM), so the heap gives back what the larger threshold keeps.
+EVAL_MMAP_THRESHOLD = 32 << 20
 
 
 @functools.lru_cache(maxsize=2)
@@ -56,6 +66,11 @@ def bound_kernel_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
     """Cap oneDNN's primitive cache for this process and its children. oneDNN reads the variable when it
     creates its first kernel, so call this before the first matmul; a value the user set is kept."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+def settle_for_evaluation() -> bool:
+    """The evaluation's threshold (EVAL_MMAP_THRESHOLD), set after training; True where it took."""
+    return map_large_blocks(EVAL_MMAP_THRESHOLD)
 
 
 def settle_process() -> None:
