@@ -26,17 +26,20 @@ if sys.argv[1:] == ["boom"]:
 """
 # what flows/__init__.py does: hand over to the server, else (it returned) run the module here
 CLIENT = ("import runpy, sys\nfrom refinery.ops.warm_start import delegate\n"
-          "delegate(sys.argv[1], 'warm_probe', sys.argv[2:])\n"
-          "sys.argv = ['warm_probe.py'] + sys.argv[2:]\nrunpy.run_module('warm_probe', run_name='__main__')\n")
+          "delegate(sys.argv[1], 'warm_pkg.probe', sys.argv[2:])\n"
+          "sys.argv = ['probe.py'] + sys.argv[2:]\nrunpy.run_module('warm_pkg.probe', run_name='__main__')\n")
 
 
 @pytest.fixture
 def server(tmp_path):
-    (tmp_path / "warm_probe.py").write_text(PROBE)
+    (tmp_path / "warm_pkg").mkdir()  # a package's module, as flows.<stage> is
+    (tmp_path / "warm_pkg" / "__init__.py").write_text("")
+    (tmp_path / "warm_pkg" / "probe.py").write_text(PROBE)
     (tmp_path / "warm_lib.py").write_text("VALUE = 1\n")
     sock = str(tmp_path / "s.sock")
     env = {**os.environ, "PROBE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "refinery.ops.warm_start", sock, "json", "warm_lib"],
+    proc = subprocess.Popen([sys.executable, "-m", "refinery.ops.warm_start", sock, "json", "warm_lib",
+                             "warm_pkg.probe"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (tmp_path / "server.pid").write_text(str(proc.pid))  # as WarmServer.start does: clients wait for it
     yield tmp_path, sock, env

@@ -238,6 +238,8 @@ def _run_fork(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> 
         sys.modules["numpy"].random.seed()
     import runpy
 
+    # `python -m` runs the module as __main__ only; the server's preloaded copy would make runpy warn about it
+    sys.modules.pop(request["module"], None)
     sys.argv = [request["module"], *request["args"]]  # runpy puts the module's file in argv[0]
     sys.orig_argv = [sys.executable, "-m", request["module"], *request["args"]]
     try:
