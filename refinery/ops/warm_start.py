@@ -35,9 +35,10 @@ import sys
 
 ENV = "REFINERY_WARM_START"  # the server's socket path, in the environment of the stage commands DVC runs
 MARK = "REFINERY_PROCESS_START"  # "warm" in a forked stage (recorded as an MLflow tag by the stage record)
-# variables that differ from one stage run to the next and that no library reads at import time
+# variables that differ from one stage run to the next, or that the shell DVC runs the command in sets, and that
+# no library reads at import time
 PER_RUN = frozenset({ENV, "REFINERY_STAGE_FLOW_RUN_ID", "REFINERY_PARENT_RUN_ID", "REFINERY_PREFECT_FLOW_RUN_ID",
-                     "PREFECT__FLOW_RUN_ID", "OLDPWD", "SHLVL", "_"})
+                     "PREFECT__FLOW_RUN_ID", "PWD", "OLDPWD", "SHLVL", "_"})
 PER_RUN_PREFIXES = ("DVC_",)  # what `dvc repro` adds for the command it runs
 # the stages' modules and what they import inside functions (a profile of a forked stage found MLflow's
 # SQLAlchemy store, 1.6 s, imported on the first MLflow call; Prefect's engine, DVC, GitPython for MLflow's git
