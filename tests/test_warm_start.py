@@ -67,7 +67,7 @@ def test_it_refuses_when_a_fork_could_differ_and_the_stage_starts_cold(server):
     root, sock, env = server
     other = client(root, sock, {**env, "HF_HOME": "/elsewhere"}, "x")
     assert other.stdout.endswith("cold\n") and "cold start (environment differs in HF_HOME)" in other.stderr
-    run_vars = client(root, sock, {**env, "REFINERY_STAGE_FLOW_RUN_ID": "1", "DVC_ROOT": str(root)}, "x")
+    run_vars = client(root, sock, {**env, "REFINERY_STAGE_FLOW_RUN_ID": "1", "DVC_ROOT": str(root), "PS1": "$ "}, "x")
     assert run_vars.stdout.endswith("warm\n")  # per-run variables are the stage's own
     later = time.time() + 5
     os.utime(root / "warm_lib.py", (later, later))  # the server's copy of the code is stale now

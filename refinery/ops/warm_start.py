@@ -38,8 +38,9 @@ MARK = "REFINERY_PROCESS_START"  # "warm" in a forked stage (recorded as an MLfl
 # variables that differ from one stage run to the next, or that the shell DVC runs the command in sets, and that
 # no library reads at import time
 PER_RUN = frozenset({ENV, "REFINERY_STAGE_FLOW_RUN_ID", "REFINERY_PARENT_RUN_ID", "REFINERY_PREFECT_FLOW_RUN_ID",
-                     "PREFECT__FLOW_RUN_ID", "PWD", "OLDPWD", "SHLVL", "_"})
-PER_RUN_PREFIXES = ("DVC_",)  # what `dvc repro` adds for the command it runs
+                     "PREFECT__FLOW_RUN_ID", "PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", "PS4"})
+# what `dvc repro` adds for the command it runs; functions an interactive shell exported
+PER_RUN_PREFIXES = ("DVC_", "BASH_FUNC_")
 # the stages' modules and what they import inside functions (a profile of a forked stage found MLflow's
 # SQLAlchemy store, 1.6 s, imported on the first MLflow call; Prefect's engine, DVC, GitPython for MLflow's git
 # tags, pyplot for the plots, TRL for dpo/grpo). A module missing here is imported by the fork as usual.
