@@ -33,14 +33,20 @@ def die_with_launcher() -> None:
     so a `kill -9` of the run (the launcher, or its process group) would leave the ranks training on as orphans,
     writing checkpoints and outputs behind the back of the rerun that resumes. Linux's PR_SET_PDEATHSIG sends
     this process SIGKILL when its parent exits; elsewhere this does nothing."""
-    if world_size() <= 1 or not sys.platform.startswith("linux"):
+    if world_size() > 1:
+        die_with_parent()
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent exits (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the launcher died before the call: nothing would signal us now
+    if os.getppid() != parent:  # the parent died before the call: nothing would signal us now
         os._exit(1)
 
 

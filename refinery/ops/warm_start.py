@@ -33,6 +33,8 @@ import signal
 import socket
 import sys
 
+from refinery.ops.distributed import die_with_parent
+
 ENV = "REFINERY_WARM_START"  # the server's socket path, in the environment of the stage commands DVC runs
 MARK = "REFINERY_PROCESS_START"  # "warm" in a forked stage (recorded as an MLflow tag by the stage record)
 # variables that differ from one stage run to the next, or that the shell DVC runs the command in sets, and that
@@ -170,18 +172,6 @@ def delegate(path: str, module: str, args: list[str]) -> None:
 
 # ---- the server ---------------------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the process that started it exits (Linux; elsewhere nothing)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # it exited before the call
-        os._exit(1)
-
-
 def _sources(root: str) -> dict[str, int]:
     """mtime of every imported module's source file under `root` (the repository's own code)."""
     root = os.path.join(os.path.realpath(root), "")
@@ -219,7 +209,7 @@ def refusal(request: dict, env: dict[str, str], cwd: str, sources: dict[str, int
 def _run_fork(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
     """In the fork: become the client's stage process, run the module as `python -m` does, exit as it does."""
     os.setpgid(0, 0)  # its own group: the server can stop it with everything it started (torchrun's ranks)
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores these; the stage must not
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for target, fd in enumerate(fds):
@@ -285,7 +275,7 @@ def _wait(conn: socket.socket, pid: int) -> int:
 
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Import `preload`, then run each request in a fork, one at a time (the pipeline runs its stages in order)."""
-    _die_with_parent()
+    die_with_parent()
     # a Ctrl-C reaches the whole foreground group: the client passes it to the stage, which must get to handle
     # it (Prefect and MLflow mark their runs); the server going first would SIGKILL the stage instead
     signal.signal(signal.SIGINT, signal.SIG_IGN)
