@@ -12,6 +12,7 @@ subprocess of this script (`--only <case>`), so that peak memory (ru_maxrss) is 
     sft-ours     our packed rows + PadCollator + refinery.train.trainer.run_trainer (LoRA r16, block 512, batch 2 rows)
     sft-trl      trl.SFTTrainer on the same examples (packing=True, BFD, padding-free), same LoRA and optimiser
     reward-ours  refinery.train.reward_model.BradleyTerryTrainer via run_trainer (LoRA SEQ_CLS r16, batch 4 pairs)
+    reward-ours-shared   the same with params/reward.yaml `share_prompts: true` (each pair's prompt computed once)
     reward-trl   trl.RewardTrainer on the same pairs, same model init, same LoRA and optimiser
 
 Results go to <out>/RESULTS.md and <out>/results.json (overwritten by every run; see bench/README.md for how
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/bench.py` puts bench/ on the path, not the repo root
 
-CASES = ("sft-ours", "sft-trl", "reward-ours", "reward-trl")
+CASES = ("sft-ours", "sft-trl", "reward-ours", "reward-trl", "reward-ours-shared")
 SEED = 42
 LORA_R, LORA_ALPHA = 16, 32
 # SFT: as params/sft.yaml (block 512, batch 2 packed rows, lr 5e-4, cosine, 10% warmup, LoRA dropout 0.0)
@@ -86,6 +88,8 @@ def metered(trainer_cls, meter: Meter):
                 ids = inputs["input_ids"]
                 if real is not None:
                     n = int(real.sum())
+                elif "pair_tokens" in inputs:  # our joined pairs: their tokens, a prompt shared by a pair counted twice
+                    n = int(inputs["pair_tokens"])
                 elif "attention_mask" in inputs:
                     n = int(inputs["attention_mask"].sum())
                 else:  # TRL padding-free: one flattened row, no padding (pad_to_multiple_of is None off Neuron)
@@ -348,7 +352,8 @@ def case_sft_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dic
                      {"data": stats, "loss_mask": mode, "notes": notes})
 
 
-def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
+def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path, share_prompts: bool = False) -> dict:
+    """The stage as it ships (`share_prompts` as params/reward.yaml has it, false), or with `share_prompts: true`."""
     from refinery.config import load_params
     from refinery.modeling.loading import load_tokenizer
     from refinery.modeling.methods import apply_method
@@ -356,6 +361,7 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) ->
         BradleyTerryTrainer,
         init_reward_model,
         padding_free_on,
+        pair_attention,
         pair_collator,
         pair_rows,
     )
@@ -364,17 +370,21 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path) ->
     tok = load_tokenizer(model_dir)
     used, stats = reward_data(tok, data_dir, steps)
     rows = pair_rows(tok, used, RM_MAX_LEN)
-    model = init_reward_model(model_dir, tok.pad_token_id, SEED)
+    # as the stage ships: params/reward.yaml's padding_free (auto: joined pairs on a CPU, padded on a GPU under sdpa);
+    # share_prompts: the kernel that reads a pair's shared prompt (segment_sdpa), the pairs joined
+    attn = pair_attention(share_prompts, None)
+    flat = share_prompts or padding_free_on(load_params("reward", str(ROOT / "params")).padding_free, None)
+    model = init_reward_model(model_dir, tok.pad_token_id, SEED, attn_implementation=attn)
     model = apply_method(model, lora_params(RM_LORA_DROPOUT), "SEQ_CLS")
     meter = Meter()
-    # as the stage ships: params/reward.yaml's padding_free (auto: joined pairs on a CPU, padded on a GPU under sdpa)
-    flat = padding_free_on(load_params("reward", str(ROOT / "params")).padding_free, None)
-    summary, trainer = run_trainer(model, rows, pair_collator(flat, tok.pad_token_id), our_targs(steps, RM_BATCH, RM_LR),
+    summary, trainer = run_trainer(model, rows, pair_collator(flat, tok.pad_token_id, share_prompts),
+                                   our_targs(steps, RM_BATCH, RM_LR),
                                    work / "ckpt", SEED, trainer_cls=metered(BradleyTerryTrainer, meter),
                                    count_tokens="all" if flat else "non_padding", callbacks=[step_clock(meter)],
                                    margin=0.0)
-    return summarise("reward-ours", meter, summary.seconds, summary.steps, RM_BATCH, trainer,
-                     {"data": stats, "summary_tokens_non_padding": summary.tokens, "padding_free": flat})
+    return summarise("reward-ours-shared" if share_prompts else "reward-ours", meter, summary.seconds, summary.steps,
+                     RM_BATCH, trainer, {"data": stats, "summary_tokens_non_padding": summary.tokens,
+                                         "padding_free": flat, "attention": attn or "sdpa"})
 
 
 def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> dict:
@@ -413,7 +423,8 @@ def case_reward_trl(model_dir: Path, data_dir: Path, steps: int, work: Path) -> 
 
 
 CASE_FNS = {"sft-ours": case_sft_ours, "sft-trl": case_sft_trl, "reward-ours": case_reward_ours,
-            "reward-trl": case_reward_trl}
+            "reward-trl": case_reward_trl,
+            "reward-ours-shared": functools.partial(case_reward_ours, share_prompts=True)}
 
 
 def run_only(args) -> int:
@@ -576,7 +587,11 @@ def ratios(entry: dict) -> dict:
             "reward_pairs_per_second_ours_over_trl": ratio(get("reward-ours", "pairs_per_second"),
                                                            get("reward-trl", "pairs_per_second")),
             "reward_steady_pairs_per_second_ours_over_trl": ratio(get("reward-ours", "steady_pairs_per_second"),
-                                                                  get("reward-trl", "steady_pairs_per_second"))}
+                                                                  get("reward-trl", "steady_pairs_per_second")),
+            "reward_shared_pairs_per_second_ours_over_trl": ratio(get("reward-ours-shared", "pairs_per_second"),
+                                                                  get("reward-trl", "pairs_per_second")),
+            "reward_shared_steady_pairs_per_second_ours_over_trl": ratio(
+                get("reward-ours-shared", "steady_pairs_per_second"), get("reward-trl", "steady_pairs_per_second"))}
 
 
 def ratio_lines(rat: dict) -> list[str]:
@@ -586,7 +601,11 @@ def ratio_lines(rat: dict) -> list[str]:
     return [f"- SFT tokens/s, ours / TRL: {show(rat['sft_tokens_per_second_ours_over_trl'])} "
             f"(steady state, steps 2..N: {show(rat['sft_steady_tokens_per_second_ours_over_trl'])})",
             f"- reward pairs/s, ours / TRL: {show(rat['reward_pairs_per_second_ours_over_trl'])} "
-            f"(steady state: {show(rat['reward_steady_pairs_per_second_ours_over_trl'])})"]
+            f"(steady state: {show(rat['reward_steady_pairs_per_second_ours_over_trl'])})"] + (
+        [f"- reward pairs/s with `share_prompts: true` (opt-in), ours / TRL: "
+         f"{show(rat['reward_shared_pairs_per_second_ours_over_trl'])} (steady state: "
+         f"{show(rat['reward_shared_steady_pairs_per_second_ours_over_trl'])})"]
+        if rat.get("reward_shared_pairs_per_second_ours_over_trl") is not None else [])
 
 
 def detail_lines(entry: dict) -> list[str]:
@@ -616,6 +635,12 @@ def detail_lines(entry: dict) -> list[str]:
             out.append(f"- reward-ours as the stage ships: padding-free pairs {ro['padding_free']} (params/reward.yaml "
                        "`padding_free: auto`: a batch's pairs joined into one row on a CPU, bench/RESULTS-padding-free.md); "
                        "TRL's RewardTrainer pads each batch to its longest sequence.")
+    if c.get("reward-ours-shared", {}).get("attention") == "segment_sdpa":
+        out.append("- reward-ours-shared: params/reward.yaml `share_prompts: true` (opt-in, off as the stage ships): "
+                   "the joined pairs under `segment_sdpa` (reward_model.pair_attention), attention once per sequence, "
+                   "each pair's common prefix (its prompt) computed once and the rejected answer attending to it: the "
+                   "same loss and gradients (tests/test_reward_padding_free.py), fewer positions computed; tokens "
+                   "count both sequences of a pair in full, as on the other sides.")
     for case in CASES:
         r = c.get(case, {})
         for n in r.get("notes", []) or []:

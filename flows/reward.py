@@ -31,6 +31,7 @@ from refinery.train.reward_model import (
     evaluate_pairs,
     init_reward_model,
     padding_free_on,
+    pair_attention,
     pair_collator,
     pair_rows,
     scalar_head,
@@ -47,8 +48,8 @@ def evaluate_rm(model, rows, pad_id, cfg) -> tuple[dict, list[float]]:
 
 @uncached_task
 def train_rm(model, rows, padding_free, pad, cfg, ckpt, seed, rec, progress, val_rows=None):
-    return run_trainer(model, rows, pair_collator(padding_free, pad), cfg.training, ckpt, seed, record=rec,
-                       progress=progress, trainer_cls=BradleyTerryTrainer,
+    return run_trainer(model, rows, pair_collator(padding_free, pad, cfg.share_prompts), cfg.training, ckpt, seed,
+                       record=rec, progress=progress, trainer_cls=BradleyTerryTrainer,
                        count_tokens="all" if padding_free else "non_padding",
                        margin=cfg.margin,
                        eval_dataset=val_rows)[0]
@@ -63,6 +64,7 @@ class RewardInputs(StageInputs):
     val: list[dict]
     pad: int
     padding_free: bool     # params' padding_free, `auto` resolved for this machine
+    attn: str | None       # the attention kernel the model was loaded with (pair_attention)
 
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> RewardInputs:
@@ -80,15 +82,16 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     derive_max_steps("reward", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every (weighted) pair
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
-    model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg, base.attn_implementation)
-    padding_free = padding_free_on(cfg.padding_free, base.attn_implementation)
+    attn = pair_attention(cfg.share_prompts, base.attn_implementation)
+    padding_free = cfg.share_prompts or padding_free_on(cfg.padding_free, base.attn_implementation)
+    model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg, attn)
     if padding_free and scalar_head(model) is None:
         raise UserError(f"{params_dir}/reward.yaml: padding_free: {type(model).__name__} has no per-position `score` "
                         "head to read a joined row's scores from; set padding_free: false")
     return RewardInputs(stage="reward", base=base, cfg=cfg, tokenizer=tokenizer,
                         inputs={"model": input_dir, "preferences": str(prefs)}, model=model,
                         init_dir=init_dir, note=note, prefs=prefs, train=train, val=val[:cfg.eval.max_pairs], pad=pad,
-                        padding_free=padding_free)
+                        padding_free=padding_free, attn=attn)
 
 
 def train_worker(params_dir: str = "params", input_dir: str = "models/sft", data_dir: str = "data/prepared",
@@ -134,7 +137,8 @@ def reward_flow(params_dir: str = "params", input_dir: str = "models/sft", data_
         metrics = {"eval": after, "before": before, "comparison": comparison,
                    "train": train_block(cfg.method, summary, trainable, total, init_from=init_dir,
                                         pairs_per_second=round(pairs / max(summary.seconds, 1e-9), 3),
-                                        precision=cfg.training.precision, padding_free=job.padding_free),
+                                        precision=cfg.training.precision, padding_free=job.padding_free,
+                                        share_prompts=cfg.share_prompts, attention=job.attn or "sdpa"),
                    "early_stopping": summary.selection(cfg.training)}
         rec.write_metrics(metrics)
         rec.write_plot(summary.history, "train", ys=("loss", "lr", "grad_norm", "tokens_per_second"))

@@ -302,6 +302,10 @@ class RewardParams(MethodParams):
     # (refinery/train/reward_model.py FlatPairCollator); auto: on where it was measured to pay (a CPU, or
     # attn_implementation flash_attention_2), off on a GPU under sdpa/eager (reward_model.padding_free_on)
     padding_free: bool | Literal["auto"] = "auto"
+    # each pair's prompt computed once: joined pairs under segment_sdpa, the rejected answer a branch attending to
+    # the shared prompt (reward_model.FlatPairCollator, pair_attention); the same loss and gradients, a demo step
+    # ~2x faster on a CPU. Off by default: its bf16 rounding redraws the demo (README "Padding-free pairs")
+    share_prompts: bool = False
     training: TrainingArgs = Field(default_factory=TrainingArgs)
     eval: RewardEvalArgs = Field(default_factory=RewardEvalArgs)
 

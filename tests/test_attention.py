@@ -75,3 +75,16 @@ def test_segment_attention_gives_the_block_mask_numbers_and_gradients(tiny_base,
     model.save_pretrained(tmp_path / "saved")
     assert SEGMENT_SDPA not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text()))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
+
+
+def test_segment_plans_read_sequences_and_branches_from_positions():
+    """How segment_sdpa reads a joined row: a run of positions from 0 is a sequence; one from k > 0 is a branch
+    sharing the first k tokens of the last sequence (the reward stage's shared prompts); anything else keeps
+    sdpa's mask (None)."""
+    from refinery.modeling.attention import parse_segments
+
+    assert parse_segments([0, 1, 2, 0, 1]) == [(0, 3, 0, 0), (3, 5, 3, 0)]
+    assert parse_segments([0, 1, 2, 3, 2, 3, 0, 1, 1]) == [(0, 4, 0, 0), (4, 6, 0, 2), (6, 8, 6, 0), (8, 9, 6, 1)]
+    assert parse_segments([1, 1, 0, 1, 2]) is None  # a left-padded row as generate positions it
+    assert parse_segments([0, 1, 4, 5]) is None  # a branch sharing more than its sequence has
+    assert parse_segments([0, 1, 0, 1, 2, 3]) == [(0, 2, 0, 0), (2, 6, 2, 0)]

@@ -69,3 +69,31 @@ def test_killed_after_the_last_checkpoint_does_not_train_past_max_steps(tiny_bas
     assert resumed.keys() == uninterrupted.keys()
     for name, p in resumed.items():
         torch.testing.assert_close(p, uninterrupted[name], atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_checkpoints_are_keyed_by_params_inputs_and_code(tmp_path, monkeypatch):
+    """A finished run's checkpoints stay, so the key must change with anything that changes the training: params,
+    input hashes, and the code (else `dvc repro` after a code change resumed the finished run's last step and
+    saved the old weights again). The same code, params and inputs: the same folder, for a resume after a kill."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from refinery.ops import stage_cli
+
+    key = stage_cli.checkpoint_dir("sft", {"lr": 1}, {"data": "a"})
+    assert key == stage_cli.checkpoint_dir("sft", {"lr": 1}, {"data": "a"}) and key.parent == Path("checkpoints/sft")
+    assert key != stage_cli.checkpoint_dir("sft", {"lr": 2}, {"data": "a"})
+    assert key != stage_cli.checkpoint_dir("sft", {"lr": 1}, {"data": "b"})
+    # the same computation in a copy of the code with one file edited: another key (a fresh process, as a stage is)
+    repo = Path(stage_cli.__file__).parents[2]
+    for package in ("refinery", "flows"):
+        shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("from refinery.ops.stage_cli import checkpoint_dir; "
+             "print(checkpoint_dir('sft', {'lr': 1}, {'data': 'a'}))")
+    same = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    (tmp_path / "refinery" / "train" / "reward_model.py").write_text(
+        (tmp_path / "refinery" / "train" / "reward_model.py").read_text() + "\n# edited\n")
+    edited = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert same.stdout.strip() == str(key) != edited.stdout.strip()

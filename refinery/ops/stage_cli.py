@@ -53,9 +53,34 @@ def open_stage_record(stage: str, base, params: dict, *, method: str | None = No
 
 
 def checkpoint_dir(stage: str, *parts) -> Path:
-    """checkpoints/<stage>/<hash of params + input hashes>: outside DVC outs, so `dvc repro` can't delete it,
-    and keyed so that changed params or inputs never resume a stale run."""
-    return Path("checkpoints") / stage / hash_obj(parts)[:16]
+    """checkpoints/<stage>/<hash of params + input hashes + the code>: outside DVC outs, so `dvc repro` can't
+    delete it, and keyed so that changed params, inputs or code never resume a stale run. The code is in the key
+    because a finished run's checkpoints stay: without it, `dvc repro` after a code change (DVC sees the stage's
+    code deps changed) resumed the finished run's last step, trained nothing and saved the old weights again
+    (seen when the reward stage's attention kernel changed)."""
+    return Path("checkpoints") / stage / hash_obj((parts, code_fingerprint()))[:16]
+
+
+_code_digest: list[str] = []
+
+
+def code_fingerprint() -> str:
+    """md5 over the source of the `refinery` and `flows` packages this process runs (paths and bytes): any edit
+    gives a new key. A resume after a kill with the same code finds the same key."""
+    if not _code_digest:
+        import hashlib
+
+        import flows
+        import refinery
+
+        digest = hashlib.md5()
+        for package in (refinery, flows):
+            root = Path(package.__file__).parent
+            for path in sorted(root.rglob("*.py")):
+                digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+        _code_digest.append(digest.hexdigest())
+    return _code_digest[0]
 
 
 def refuse(exc: UserError):

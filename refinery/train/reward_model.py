@@ -72,20 +72,55 @@ class FlatPairCollator:
     """Padding-free pairs (`padding_free: true` in params/reward.yaml): the batch's chosen sequences, then its
     rejected ones, joined into one row with positions restarting at 0 per sequence (transformers turns the
     restarts into a block-diagonal causal mask, as for FlatCollator's rows), and `score_index`: where each
-    sequence ends, the token its score is read at. Same scores, loss and gradients as PairCollator's padded batch
-    (tests/test_reward_padding_free.py), no padding position computed. Like FlatCollator it pays with a varlen
-    attention kernel (flash_attention_2); under sdpa the mask spans the whole joined row."""
+    sequence ends, the token its score is read at (chosen ones first, as PairCollator orders its rows). Same
+    scores, loss and gradients as PairCollator's padded batch (tests/test_reward_padding_free.py), no padding
+    position computed. Like FlatCollator it pays with a varlen attention kernel (flash_attention_2); under sdpa
+    the mask spans the whole joined row.
+
+    `shared_prefix` (params/reward.yaml `share_prompts`; the row must run under `segment_sdpa`, which reads it:
+    `pair_attention`): each pair's
+    tokens common to both sequences (the chat-rendered prompt) are computed once. The pair is laid out as the
+    chosen sequence, then the rejected one's tokens after the common prefix with positions continuing from it: a
+    branch the kernel attends to that prefix and to itself. Under causal attention a prefix token's hidden states
+    never depend on what follows it, so the scores, loss and gradients are the unshared row's (the prefix's
+    gradients arrive from both answers at once). The demo's pairs are 46% shared prompt tokens. No library does
+    this for reward models (TRL's RewardTrainer pads each pair's sequences separately), hence by hand."""
+
+    def __init__(self, shared_prefix: bool = False):
+        self.shared_prefix = shared_prefix
 
     def __call__(self, features: list[dict]) -> dict:
         ids: list[int] = []
         positions: list[int] = []
-        ends: list[int] = []
-        for seq in [f["chosen"] for f in features] + [f["rejected"] for f in features]:
-            ids += seq
-            positions += range(len(seq))
-            ends.append(len(ids) - 1)
+        ends: dict[str, list[int]] = {"chosen": [], "rejected": []}
+
+        def add(seq: list[int], start: int, side: str) -> None:  # seq[start:] at positions start, start + 1, ...
+            ids.extend(seq[start:])
+            positions.extend(range(start, len(seq)))
+            ends[side].append(len(ids) - 1)
+
+        if self.shared_prefix:  # per pair: chosen, then rejected as a branch after their common prefix
+            for f in features:
+                add(f["chosen"], 0, "chosen")
+                add(f["rejected"], common_prefix_length(f["chosen"], f["rejected"]), "rejected")
+        else:  # every chosen sequence, then every rejected one
+            for side in ("chosen", "rejected"):
+                for f in features:
+                    add(f[side], 0, side)
+        # the pairs' own tokens (the row's, plus each shared prefix once more): what tokens/s counts, as a padded
+        # batch counts its non-padding tokens, so the rate compares across settings and with TRL
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-                "score_index": torch.tensor(ends)}
+                "score_index": torch.tensor(ends["chosen"] + ends["rejected"]),
+                "pair_tokens": torch.tensor(sum(len(f["chosen"]) + len(f["rejected"]) for f in features))}
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Tokens two sequences share from their start, leaving each at least its last token (the one scored)."""
+    limit = min(len(a), len(b)) - 1
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def padding_free_on(setting: bool | str, attn_implementation: str | None) -> bool:
@@ -101,8 +136,27 @@ def padding_free_on(setting: bool | str, attn_implementation: str | None) -> boo
     return attn_implementation == "flash_attention_2" or not torch.cuda.is_available()
 
 
-def pair_collator(padding_free: bool, pad_id: int):
-    """The reward stage's training (and validation-loss) collator."""
+def pair_attention(share_prompts: bool, attn_implementation: str | None) -> str | None:
+    """The attention kernel the reward stage loads its model with: `segment_sdpa` when pairs share their prompts
+    (params/reward.yaml `share_prompts`: the kernel that reads a branch; refused in one line with a kernel of
+    another family), else params/base.yaml's. Only this stage's model: PPO's joined rollouts are short and
+    measured slower per sequence (README "Padding-free pairs"); the kernel's name never reaches the saved config."""
+    if not share_prompts:
+        return attn_implementation
+    if attn_implementation not in (None, "sdpa", "segment_sdpa"):
+        from refinery.errors import UserError
+
+        raise UserError(f"params/reward.yaml: share_prompts: true needs params/base.yaml attn_implementation null, "
+                        f"sdpa or segment_sdpa (the branches it makes are read by segment_sdpa), not "
+                        f"{attn_implementation}")
+    return "segment_sdpa"
+
+
+def pair_collator(padding_free: bool, pad_id: int, share_prompts: bool = False):
+    """The reward stage's training (and validation-loss) collator: padded pairs, joined pairs, or joined pairs
+    sharing their prompts (`share_prompts`, for a model loaded with `pair_attention`'s segment_sdpa)."""
+    if share_prompts:
+        return FlatPairCollator(shared_prefix=True)
     return FlatPairCollator() if padding_free else PairCollator(pad_id)
 
 
@@ -141,6 +195,14 @@ class BradleyTerryTrainer(Trainer):
         r_chosen, r_rejected = rewards.chunk(2)
         loss = bradley_terry_loss(r_chosen, r_rejected, self.margin)
         return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs):
+        """A joined row counts its pairs' tokens (`pair_tokens`: a shared prompt twice, as the padded batch counts
+        it), not the fewer positions it computes. Trainer's own counter reads only input_ids or attention_mask."""
+        if "pair_tokens" not in inputs or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        tokens = torch.as_tensor(inputs["pair_tokens"], device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Validation loss = the Bradley-Terry loss on held-out pairs (the batches carry no `labels`, so
