@@ -165,20 +165,20 @@ def _run_pipeline(from_stage: str | None, to_stage: str | None, overrides: dict 
         env = {**os.environ, "REFINERY_PARENT_RUN_ID": rec.run_id, "REFINERY_PREFECT_FLOW_RUN_ID": flow_run_id}
         t_start, status_s, walls = time.perf_counter(), 0.0, {}
         # the stage processes DVC starts fork from one interpreter that imported torch & co. once
-        # (refinery/ops/warm_start.py). With two stages or more selected it starts now, importing while the
-        # first stage's status is checked and DVC starts, and the first stage waits for it too: started with that
-        # stage instead, the two imported side by side on 2 cores and that stage spent 9.5-18 s outside its body
-        # against 5-6 s for the forked ones (reports/pipeline-timing.json). One stage alone starts cold.
+        # (refinery/ops/warm_start.py); started with the first stage that runs, which itself starts cold: made to
+        # wait for the server instead, the demo's first stage spent 13.5 s outside its body against 9.5 s cold
+        # (the server imports every stage's libraries; reports/pipeline-timing.json, 2026-12-02)
         warm = WarmServer({**inherited_env(env), "PYTHONUNBUFFERED": "1"})
         try:
-            if len(stages) > 1:
-                warm.start()
-            for stage in stages:
+            for i, stage in enumerate(stages):
                 t0 = time.perf_counter()
                 status = dvc_status.with_options(task_run_name=f"status-{stage}")(stage)
                 status_s += time.perf_counter() - t0
                 if status or force:
-                    walls[stage] = run_stage.with_options(task_run_name=stage)(stage, warm.offer(env), force=force)
+                    stage_env = warm.offer(env)
+                    if i < len(stages) - 1:
+                        warm.start()  # imports while this stage runs (cold); later ones fork from it
+                    walls[stage] = run_stage.with_options(task_run_name=stage)(stage, stage_env, force=force)
                     results[stage] = "ran"
                 else:
                     skip_stage.with_options(task_run_name=stage)(stage, "up to date in dvc.lock")

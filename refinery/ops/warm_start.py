@@ -16,8 +16,8 @@ PyTorch's own DataLoader forks after `import torch` in the same way).
 When the answer would not be the same the server refuses and the stage starts cold, saying why on stderr:
 another interpreter or folder, an environment that differs in anything but the per-run variables (PER_RUN;
 libraries read the rest when imported), or a preloaded source file changed since the server imported it
-(its code would be stale). A server still importing (the pipeline starts it before its first stage's status
-check) is waited for, up to READY_TIMEOUT; one that is gone is not an error either: the stage starts cold.
+(its code would be stale). A server that is not up yet (it imports while the first stage runs) or gone is
+not an error either: the stage starts cold.
 
 Failure semantics are a cold start's: a SIGKILL of the client (a `kill -9` of the run) closes its socket and the
 server kills the fork's process group at once; SIGTERM/SIGINT/SIGHUP to the client are passed on to the fork;
