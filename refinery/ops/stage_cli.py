@@ -66,18 +66,16 @@ _code_digest: list[str] = []
 
 def code_fingerprint() -> str:
     """md5 over the source of the `refinery` and `flows` packages this process runs (paths and bytes): any edit
-    gives a new key. A resume after a kill with the same code finds the same key."""
+    gives a new key. A resume after a kill with the same code finds the same key. Both packages sit side by side
+    (the repository, or site-packages for an installed wheel); found from this file, not imported."""
     if not _code_digest:
         import hashlib
 
-        import flows
-        import refinery
-
+        top = Path(__file__).resolve().parents[2]
         digest = hashlib.md5()
-        for package in (refinery, flows):
-            root = Path(package.__file__).parent
-            for path in sorted(root.rglob("*.py")):
-                digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+        for package in ("refinery", "flows"):
+            for path in sorted((top / package).rglob("*.py")):
+                digest.update(f"{path.relative_to(top).as_posix()}\0".encode())
                 digest.update(path.read_bytes())
         _code_digest.append(digest.hexdigest())
     return _code_digest[0]
