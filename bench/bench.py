@@ -360,9 +360,8 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path, sh
     from refinery.train.reward_model import (
         BradleyTerryTrainer,
         init_reward_model,
-        padding_free_on,
-        pair_attention,
         pair_collator,
+        pair_layout,
         pair_rows,
     )
     from refinery.train.trainer import run_trainer
@@ -372,8 +371,7 @@ def case_reward_ours(model_dir: Path, data_dir: Path, steps: int, work: Path, sh
     rows = pair_rows(tok, used, RM_MAX_LEN)
     # as the stage ships: params/reward.yaml's padding_free (auto: joined pairs on a CPU, padded on a GPU under sdpa);
     # share_prompts: the kernel that reads a pair's shared prompt (segment_sdpa), the pairs joined
-    attn = pair_attention(share_prompts, None)
-    flat = share_prompts or padding_free_on(load_params("reward", str(ROOT / "params")).padding_free, None)
+    flat, attn = pair_layout(share_prompts, load_params("reward", str(ROOT / "params")).padding_free, None)
     model = init_reward_model(model_dir, tok.pad_token_id, SEED, attn_implementation=attn)
     model = apply_method(model, lora_params(RM_LORA_DROPOUT), "SEQ_CLS")
     meter = Meter()

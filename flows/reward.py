@@ -30,9 +30,8 @@ from refinery.train.reward_model import (
     BradleyTerryTrainer,
     evaluate_pairs,
     init_reward_model,
-    padding_free_on,
-    pair_attention,
     pair_collator,
+    pair_layout,
     pair_rows,
     scalar_head,
     weight_tasks,
@@ -64,7 +63,7 @@ class RewardInputs(StageInputs):
     val: list[dict]
     pad: int
     padding_free: bool     # params' padding_free, `auto` resolved for this machine
-    attn: str | None       # the attention kernel the model was loaded with (pair_attention)
+    attn: str | None       # the attention kernel the model was loaded with (pair_layout)
 
 
 def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict | None) -> RewardInputs:
@@ -82,8 +81,7 @@ def load_inputs(params_dir: str, input_dir: str, data_dir: str, overrides: dict 
     derive_max_steps("reward", cfg.training, len(train), global_batch(cfg.training))  # an epoch = every (weighted) pair
     val = pair_rows(tokenizer, [r for _, r in read_jsonl(prefs / "validation.jsonl")], cfg.max_length)
     pad = tokenizer.pad_token_id
-    attn = pair_attention(cfg.share_prompts, base.attn_implementation)
-    padding_free = cfg.share_prompts or padding_free_on(cfg.padding_free, base.attn_implementation)
+    padding_free, attn = pair_layout(cfg.share_prompts, cfg.padding_free, base.attn_implementation)
     model = init_reward_model(init_dir, pad, base.seed, base.trust_remote_code, cfg, attn)
     if padding_free and scalar_head(model) is None:
         raise UserError(f"{params_dir}/reward.yaml: padding_free: {type(model).__name__} has no per-position `score` "

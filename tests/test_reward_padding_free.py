@@ -16,6 +16,7 @@ from refinery.train.reward_model import (
     padding_free_on,
     pair_attention,
     pair_collator,
+    pair_layout,
     scalar_head,
     sequence_scores,
 )
@@ -130,6 +131,8 @@ def test_shared_prompts_choose_their_kernel_and_refuse_another():
     assert pair_attention(False, None) is None and pair_attention(False, "eager") == "eager"
     with pytest.raises(UserError, match=r"^params/reward.yaml: share_prompts: true needs .* not eager$"):
         pair_attention(True, "eager")
+    assert pair_layout(True, False, None) == (True, "segment_sdpa")  # shared prompts are always joined
+    assert pair_layout(False, False, "eager") == (False, "eager")
     assert isinstance(pair_collator(False, 2), PairCollator)
     assert not pair_collator(True, 2).shared_prefix and pair_collator(False, 2, share_prompts=True).shared_prefix
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -61,24 +62,20 @@ def checkpoint_dir(stage: str, *parts) -> Path:
     return Path("checkpoints") / stage / hash_obj((parts, code_fingerprint()))[:16]
 
 
-_code_digest: list[str] = []
-
-
+@functools.cache
 def code_fingerprint() -> str:
     """md5 over the source of the `refinery` and `flows` packages this process runs (paths and bytes): any edit
     gives a new key. A resume after a kill with the same code finds the same key. Both packages sit side by side
     (the repository, or site-packages for an installed wheel); found from this file, not imported."""
-    if not _code_digest:
-        import hashlib
+    import hashlib
 
-        top = Path(__file__).resolve().parents[2]
-        digest = hashlib.md5()
-        for package in ("refinery", "flows"):
-            for path in sorted((top / package).rglob("*.py")):
-                digest.update(f"{path.relative_to(top).as_posix()}\0".encode())
-                digest.update(path.read_bytes())
-        _code_digest.append(digest.hexdigest())
-    return _code_digest[0]
+    top = Path(__file__).resolve().parents[2]
+    digest = hashlib.md5()
+    for package in ("refinery", "flows"):
+        for path in sorted((top / package).rglob("*.py")):
+            digest.update(f"{path.relative_to(top).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def refuse(exc: UserError):

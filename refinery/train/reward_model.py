@@ -78,8 +78,8 @@ class FlatPairCollator:
     the mask spans the whole joined row.
 
     `shared_prefix` (params/reward.yaml `share_prompts`; the row must run under `segment_sdpa`, which reads it:
-    `pair_attention`): each pair's
-    tokens common to both sequences (the chat-rendered prompt) are computed once. The pair is laid out as the
+    `pair_attention`): each pair's tokens common to both sequences (the chat-rendered prompt) are computed once.
+    The pair is laid out as the
     chosen sequence, then the rejected one's tokens after the common prefix with positions continuing from it: a
     branch the kernel attends to that prefix and to itself. Under causal attention a prefix token's hidden states
     never depend on what follows it, so the scores, loss and gradients are the unshared row's (the prefix's
@@ -150,6 +150,15 @@ def pair_attention(share_prompts: bool, attn_implementation: str | None) -> str 
                         f"sdpa or segment_sdpa (the branches it makes are read by segment_sdpa), not "
                         f"{attn_implementation}")
     return "segment_sdpa"
+
+
+def pair_layout(share_prompts: bool, padding_free: bool | str, attn_implementation: str | None
+                ) -> tuple[bool, str | None]:
+    """(joined pairs?, the attention kernel to load the model with) for params/reward.yaml's `share_prompts` and
+    `padding_free` and params/base.yaml's kernel: what the stage and bench/bench.py's reward cases train with.
+    Shared prompts are always joined."""
+    return share_prompts or padding_free_on(padding_free, attn_implementation), \
+        pair_attention(share_prompts, attn_implementation)
 
 
 def pair_collator(padding_free: bool, pad_id: int, share_prompts: bool = False):
