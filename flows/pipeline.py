@@ -32,7 +32,7 @@ from refinery.ops.prefect_link import DeferredLink, close_unfinished, inherited_
 from refinery.ops.prefect_log import run_logged
 from refinery.ops.prefect_tasks import uncached_task
 from refinery.ops.repo_lock import repository_lock
-from refinery.ops.stage_cli import open_stage_record, refuse, run_cli, run_name
+from refinery.ops.stage_cli import leave_after, open_stage_record, refuse, run_cli, run_name
 from refinery.ops.warm_start import WarmServer
 
 REPORT = Path("reports/pipeline/report.md")
@@ -253,4 +253,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    leave_after(main, sys.argv[1:])  # without the interpreter's ~2 s teardown (refinery/ops/stage_cli.py)
