@@ -252,11 +252,11 @@ def leave_after(main, *args) -> NoReturn:
         code = 0
     except SystemExit as exc:
         code = exc.code
-    except BaseException:  # an uncaught error: the interpreter's own report and exit code
+    except BaseException as exc:  # an uncaught error: the interpreter's own report and exit code
         import traceback
 
         traceback.print_exc()
-        code = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
     if code is None:
         code = 0
     elif not isinstance(code, int):  # SystemExit("message"): printed, exit 1, as Python does
