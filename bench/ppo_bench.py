@@ -67,7 +67,16 @@ DESCRIBED = {"separate": "(the reward model = the value model with its adapter o
              "policy_trunk": "(a value head on the policy's trunk; the reward model frozen on its own)"}
 
 
-def run_ours(spec_path: str, value_model: str) -> None:
+def sides(every_n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """Our sides: name -> (params/ppo.yaml `value_model`, `checkpoint_every_n_layers` or None for the params'
+    own). `--every-n-layers N` adds the shipped trunk side with only every N-th layer recomputed."""
+    out: dict[str, tuple[str, int | None]] = {side: (vm, None) for side, vm in VALUE_MODELS.items()}
+    if every_n_layers:
+        out[f"ours-trunk-every{every_n_layers}"] = ("policy_trunk", every_n_layers)
+    return out
+
+
+def run_ours(spec_path: str, value_model: str, every_n_layers: int | None = None) -> None:
     """Our side, in its own process: the stage's own set-up (flows/ppo.py `load_inputs`, `build_models`,
     `make_trainer`: the models, adapters, judge, frozen bf16 weights and PPOTrainer the stage builds), without
     its evaluation and records. Run from a scratch folder, so its checkpoints never meet the repository's."""
@@ -89,7 +98,8 @@ def run_ours(spec_path: str, value_model: str) -> None:
         os.chdir(scratch)  # checkpoints/ppo/<hash>/ lands here, not under the repository
         job = load_inputs(str(ROOT / "params"), spec["policy"], spec["reward"], str(ROOT / "data" / "prepared"),
                           {"steps": s["steps"], "save_steps": s["steps"], "value_model": value_model,
-                           "gradient_checkpointing": s["gradient_checkpointing"]})
+                           "gradient_checkpointing": s["gradient_checkpointing"],
+                           **({"checkpoint_every_n_layers": every_n_layers} if every_n_layers else {})})
         m = build_models(job)
         with compute_precision(m.precision):
             trainer = make_trainer(job, m, on_step=lambda step, metrics, r: (ends.append(time.perf_counter()),
@@ -105,7 +115,8 @@ def run_ours(spec_path: str, value_model: str) -> None:
         "steady_episodes_per_second": s["batch_size"] / steady if steady else None,
         "mean_response_tokens": sum(tokens) / len(tokens),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "value_model": f"{value_model}, {job.cfg.method} {DESCRIBED[value_model]}"}))
+        "value_model": f"{value_model}, {job.cfg.method} {DESCRIBED[value_model]}",
+        "checkpoint_every_n_layers": job.cfg.checkpoint_every_n_layers if job.cfg.gradient_checkpointing else None}))
 
 
 def one(cmd: list[str]) -> dict:
@@ -123,15 +134,18 @@ def summary(runs: list[dict], key: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--side", choices=list(VALUE_MODELS), help=argparse.SUPPRESS)
+    ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=6, help="PPO updates per run (default 6)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per side (default 5)")
     ap.add_argument("--no-checkpointing", action="store_true", help="our side without gradient checkpointing")
+    ap.add_argument("--every-n-layers", type=int, default=0, metavar="N",
+                    help="add a side: value_model policy_trunk with only every N-th layer recomputed")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-ppo.md"))
     args = ap.parse_args()
+    ours = sides(args.every_n_layers)
     if args.side:
-        return run_ours(args.spec, VALUE_MODELS[args.side])
+        return run_ours(args.spec, *ours[args.side])
     if not TRL_PY.is_file():
         raise SystemExit(f"error: {TRL_PY} missing: run `make bench-trl-venv` first")
     sys.path.insert(0, str(ROOT))
@@ -141,10 +155,11 @@ def main() -> None:
     checkpointing = load_params("ppo", ROOT / "params").gradient_checkpointing and not args.no_checkpointing
     spec = write_spec(spec_path, args.steps, checkpointing)
     load = os.getloadavg()
-    runs: dict[str, list[dict]] = {"ours": [], "ours-trunk": [], "trl": []}
+    runs: dict[str, list[dict]] = {**{side: [] for side in ours}, "trl": []}
     for i in range(args.repeats):
-        for side in VALUE_MODELS:
-            runs[side].append(one([sys.executable, __file__, "--side", side, "--spec", str(spec_path)]))
+        for side in ours:
+            runs[side].append(one([sys.executable, __file__, "--side", side, "--spec", str(spec_path),
+                                   "--every-n-layers", str(args.every_n_layers)]))
         runs["trl"].append(one([str(TRL_PY), str(ROOT / "bench" / "ppo_trl_side.py"), "--spec", str(spec_path)]))
         print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{side} {r[-1]['steady_episodes_per_second']:.3f}"
                                                               for side, r in runs.items()) + " episodes/s (steady)",
@@ -152,14 +167,14 @@ def main() -> None:
     agg = {side: {k: summary(r, k) for k in ("episodes_per_second", "steady_episodes_per_second", "peak_rss_mb")}
            for side, r in runs.items()}
     ratio = {}
-    for side in VALUE_MODELS:  # "episodes"/"memory": the default side's, as before; "<key>_<side>" each side's
+    for side in ours:  # "episodes"/"memory": the default side's, as before; "<key>_<side>" each side's
         for key, metric in (("episodes", "steady_episodes_per_second"), ("memory", "peak_rss_mb")):
             value = agg[side][metric]["median"] / agg["trl"][metric]["median"]
             ratio[key if side == "ours" else f"{key}_{side}"] = value
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_start": load,
               "load_average_end": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "settings": spec["settings"], "prompts": len(spec["prompts"]), "bf16": spec["bf16"], "runs": runs,
-              "aggregate": agg, "ratio": ratio, "goals": GOALS}
+              "aggregate": agg, "ratio": ratio, "goals": GOALS, "sides": {k: list(v) for k, v in ours.items()}}
     out = Path(args.out)  # RESULTS-ppo.md -> results-ppo.json beside it
     (out.parent / f"{out.stem.lower()}.json").write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(render(result, args))
@@ -178,9 +193,10 @@ def render(res: dict, args) -> str:
     lines = [
         "# PPO: llm-refinery vs TRL 0.19.1's PPOTrainer", "",
         f"Produced by `python bench/ppo_bench.py --steps {args.steps} --repeats {args.repeats}"
-        f"{' --no-checkpointing' if args.no_checkpointing else ''}` on {res['when']} (after `make demo`: its SFT "
-        "policy and reward model). Each side in a fresh process, the two interleaved; median (min-max) over the "
-        "repeats. Ratios are what to compare across machines, not absolute rates.", "",
+        f"{' --no-checkpointing' if args.no_checkpointing else ''}"
+        f"{f' --every-n-layers {args.every_n_layers}' if args.every_n_layers else ''}` on {res['when']} "
+        "(after `make demo`: its SFT policy and reward model). Each side in a fresh process, the two interleaved; "
+        "median (min-max) over the repeats. Ratios are what to compare across machines, not absolute rates.", "",
         "## Machine", "",
         f"- {res['cpus']} CPUs, no GPU; load average at start {', '.join(f'{x:.2f}' for x in res['load_average_start'])}, "
         f"at end {', '.join(f'{x:.2f}' for x in res['load_average_end'])}",
@@ -199,7 +215,9 @@ def render(res: dict, args) -> str:
         f"ours: gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, TRL: off (its default); "
         f"ours: padding-free scoring and update forwards `{s.get('padding_free', False)}` (auto: on a CPU), TRL: "
         "left-padded batches (its only layout)",
-        *(f"- value model, {side}: {res['runs'][side][0]['value_model']}" for side in VALUE_MODELS),
+        *(f"- value model, {side}: {res['runs'][side][0]['value_model']}"
+          + (f"; only every {n}th layer recomputed (checkpoint_every_n_layers {n})" if n else "")
+          for side, (_, n) in res["sides"].items()),
         f"- value model, trl: {res['runs']['trl'][0]['value_model']}, and a separately loaded reward model",
         "- episodes/s *steady* = batch size / mean seconds per update from the end of update 1 to the end of the last "
         "(no model loading, no warm-up update; ours also leaves out its final checkpoint save); peak memory = "
@@ -208,17 +226,17 @@ def render(res: dict, args) -> str:
         "| side | steady episodes/s | episodes/s (whole train()) | peak RSS MB |", "|---|---:|---:|---:|",
         *(f"| {side} | {cell(a['steady_episodes_per_second'])} | {cell(a['episodes_per_second'])} | "
           f"{mem(a['peak_rss_mb'])} |" for side, a in agg.items()), "",
-        *ratio_lines(ratio, met),
+        *ratio_lines(ratio, met, res["sides"]),
         *(f"- mean response length, {side}: "
           f"{statistics.mean(r['mean_response_tokens'] for r in res['runs'][side]):.1f} tokens"
-          for side in VALUE_MODELS if side in res["runs"]),
+          for side in res["sides"] if side in res["runs"]),
         "- TRL does not report its response length; both sides stop at EOS or the limit", ""]
     return "\n".join(lines)
 
 
-def ratio_lines(ratio: dict, met) -> list[str]:
+def ratio_lines(ratio: dict, met, our_sides: dict) -> list[str]:
     out = []
-    for side, value_model in VALUE_MODELS.items():
+    for side, (value_model, _) in our_sides.items():
         suffix = "" if side == "ours" else f"_{side}"
         if f"episodes{suffix}" not in ratio:
             continue

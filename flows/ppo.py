@@ -160,7 +160,7 @@ def build_models(job: PPOInputs) -> PPOModels:
         trunks = [policy, value_model]
     if cfg.gradient_checkpointing:  # only in train mode: rollouts and scoring (eval mode) keep their activations
         for model in trunks:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable(every_n_layers=cfg.checkpoint_every_n_layers)
     policy = apply_method(policy, cfg, "CAUSAL_LM", input_dir, seed=base.seed)
     if cfg.value_model == "separate":
         value_model = apply_method(value_model, cfg, "SEQ_CLS", reward_dir, seed=base.seed)
@@ -246,6 +246,7 @@ def ppo_flow(params_dir: str = "params", input_dir: str = "models/sft", reward_d
         train["precision"] = precision
         train["frozen_weights_16bit_mb"] = round(m.freed / 2**20, 1)  # fp32 frozen weights held in `precision`
         train["gradient_checkpointing"] = cfg.gradient_checkpointing
+        train["checkpoint_every_n_layers"] = cfg.checkpoint_every_n_layers if cfg.gradient_checkpointing else None
         train["padding_free"] = trainer.padding_free  # `auto` resolved
         train["value_model"] = cfg.value_model
         # the ranks that took part (not the setting asked for); rates are the whole run's, peak memory rank 0's

@@ -134,6 +134,9 @@ class TrainingArgs(Strict):
     # every stage, so a stage file may not set it
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: recompute only every n-th decoder layer (transformers' `every_n_layers`); the
+    # others keep their activations. The same numbers either way, a trade between the two ends' memory and time
+    checkpoint_every_n_layers: int = Field(1, ge=1)
     # kernels, both passed to transformers' Trainer: `torch_compile` compiles the model (the first steps pay
     # the compilation); `use_liger_kernel` swaps in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU and the fused
     # linear cross-entropy, which never materialises the [tokens x 49k] logits): CUDA only, `pip install
@@ -403,6 +406,7 @@ class PPOParams(MethodParams, PolicyEvalArgs):
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(4, gt=0)       # log a prompt/response/reward table every N steps
     gradient_checkpointing: bool = False     # policy and value model recompute activations in the backward pass
+    checkpoint_every_n_layers: int = Field(1, ge=1)  # ... only every n-th decoder layer (the rest keep theirs)
     # where the values come from (refinery/rlhf/value_head.py): `separate` = a value model of its own, initialised
     # from the reward model (InstructGPT); `policy_trunk` = a linear head on the policy's last hidden state (one
     # forward gives log-probs and values; the value loss also trains the policy's adapter, weighted by vf_coef)

@@ -33,6 +33,27 @@ def test_compiled_training_matches_eager(tiny_base, prepared, tmp_path):
     assert curves[False][0] - curves[False][-1] > 0.05, curves  # it trained, by far more than the tolerance
 
 
+def test_checkpointing_every_other_layer_trains_the_same(tiny_base, prepared, tmp_path):
+    """TrainingArgs `checkpoint_every_n_layers` reaches transformers' Trainer: with 2, layer 0 of the tiny model's
+    two recomputes and layer 1 keeps its activations; recomputation changes no loss (fp32)."""
+    tok = load_tokenizer(tiny_base)
+    rows = corpus_rows(prepared / "corpus" / "train.jsonl", tok, 64, packed=True)[:16]
+    curves, flags = {}, {}
+    for checkpointing, every_n in ((False, 1), (True, 1), (True, 2)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        args = TrainingArgs(max_steps=3, batch_size=4, lr=3e-3, save_steps=3, warmup_ratio=0.0, precision="fp32",
+                            gradient_checkpointing=checkpointing, checkpoint_every_n_layers=every_n)
+        summary, trainer = run_trainer(model, rows, PadCollator(tok.pad_token_id), args,
+                                       tmp_path / f"{checkpointing}{every_n}", seed=1)
+        curves[checkpointing, every_n] = [h["loss"] for h in summary.history]
+        flags[checkpointing, every_n] = [layer.gradient_checkpointing for layer in trainer.model.model.layers]
+    assert flags == {(False, 1): [False, False], (True, 1): [True, True], (True, 2): [True, False]}
+    for key in ((True, 1), (True, 2)):
+        assert curves[key] == pytest.approx(curves[False, 1], abs=1e-5), key
+    assert curves[False, 1][0] != curves[False, 1][-1]  # it trained
+
+
 @pytest.mark.bad_input
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_liger_without_a_gpu_is_refused(tmp_path):

@@ -1,6 +1,7 @@
 """PPO's memory savings change no number: frozen linears held in bf16 give the outputs autocast gave with fp32
 weights, the merged policy equals the fp32 merge, the response-only logits equal the full logits' slice, the
-chunked evaluation KL equals the one-batch KL, and gradient checkpointing gives the same PPO run."""
+chunked evaluation KL equals the one-batch KL, and gradient checkpointing (of every layer or every other one)
+gives the same PPO run."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -93,7 +94,8 @@ def _adapter_off(policy, r):
         return response_logits(policy, r)
 
 
-def ppo_history(tiny_base, tmp_path, checkpointing: bool, padding_free: bool | str = "auto") -> list[dict]:
+def ppo_history(tiny_base, tmp_path, checkpointing: int, padding_free: bool | str = "auto") -> list[dict]:
+    """`checkpointing`: 0 off, n: every n-th decoder layer recomputes (params/ppo.yaml checkpoint_every_n_layers)."""
     tok = load_tokenizer(tiny_base)
     prompts = [prompt_ids(tok, f"Tell me about topic {i}.") for i in range(8)]
     torch.manual_seed(0)
@@ -101,8 +103,10 @@ def ppo_history(tiny_base, tmp_path, checkpointing: bool, padding_free: bool | s
     value = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
     value.config.pad_token_id = tok.pad_token_id
     if checkpointing:
-        policy.activation_checkpointing_enable()
-        value.activation_checkpointing_enable()
+        policy.activation_checkpointing_enable(every_n_layers=checkpointing)
+        value.activation_checkpointing_enable(every_n_layers=checkpointing)
+        flags = [layer.gradient_checkpointing for layer in policy.model.layers]
+        assert flags == [i % checkpointing == 0 for i in range(len(flags))]
     policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **LORA))
     value = get_peft_model(value, LoraConfig(task_type="SEQ_CLS", **LORA))
     cfg = PPOParams(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=6, lr=1e-3, temperature=1.0,
@@ -116,8 +120,9 @@ def ppo_history(tiny_base, tmp_path, checkpointing: bool, padding_free: bool | s
     return trainer.train().history
 
 
-def test_gradient_checkpointing_gives_the_same_ppo_run(tiny_base, tmp_path):
-    plain, recomputed = ppo_history(tiny_base, tmp_path, False), ppo_history(tiny_base, tmp_path, True)
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_gradient_checkpointing_gives_the_same_ppo_run(tiny_base, tmp_path, every_n_layers):
+    plain, recomputed = ppo_history(tiny_base, tmp_path, 0), ppo_history(tiny_base, tmp_path, every_n_layers)
     for a, b in zip(plain, recomputed):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

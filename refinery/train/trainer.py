@@ -130,6 +130,7 @@ def training_arguments(targs: TrainingArgs, ckpt_dir: Path, seed: int, count_tok
         bf16=targs.precision == "bf16", fp16=targs.precision == "fp16", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, include_num_input_tokens_seen=count_tokens,
         activation_checkpointing=targs.gradient_checkpointing, disable_tqdm=False,
+        activation_checkpointing_kwargs={"every_n_layers": targs.checkpoint_every_n_layers},
         torch_compile=targs.torch_compile, use_liger_kernel=targs.use_liger_kernel,
     )
     return args_cls(**{**kwargs, **extra})
