@@ -140,3 +140,47 @@ def test_bf16_training_stores_frozen_weights_in_bf16_and_saves_the_fp32_merge(ti
     for key, w in weights.items():
         assert weights16[key].dtype == torch.float32, key
         assert torch.allclose(weights16[key], w, atol=1e-4), key
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_bf16_base_gives_bf16_outputs(tiny_base, tmp_path, method):
+    """Issue "Fast and lean": outputs are saved in the base's dtype. A bf16 input folder, trained on fp32 master
+    weights (as every stage loads it), is written back in bf16: config.json says so, plain transformers loads it
+    in bf16 with dtype="auto", the weights are the trained fp32 ones rounded once, and the model in memory keeps
+    fp32. An fp32 input (the demo's) keeps fp32 outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from refinery.modeling.loading import load_causal_lm, save_output, stored_dtype
+
+    tok = load_tokenizer(tiny_base)
+    base16 = tmp_path / "base16"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(base16)
+    tok.save_pretrained(base16)
+    assert stored_dtype(base16) == torch.bfloat16 and stored_dtype(tiny_base) == torch.float32
+    for base, dtype in ((base16, torch.bfloat16), (Path(tiny_base), torch.float32)):
+        torch.manual_seed(0)
+        model = load_causal_lm(base)  # fp32 master weights
+        if method == "lora":
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+        with torch.no_grad():  # "training": every weight moves, the adapter's B included
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        trained = {k: v.clone() for k, v in (model.merge_and_unload() if method == "lora" else model).state_dict().items()}
+        if method == "lora":  # merge_and_unload folded the adapter in place: build the same model again to save
+            torch.manual_seed(0)
+            model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  task_type="CAUSAL_LM"))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+        out = tmp_path / f"out-{method}-{dtype}"
+        save_output(model, tok, method, out, base)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the model in memory: as trained
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert loaded.dtype == dtype
+        assert stored_dtype(out) == dtype
+        saved = loaded.state_dict()
+        for key, w in trained.items():
+            assert saved[key].dtype == dtype, key
+            assert torch.equal(saved[key], w.to(dtype)), key

@@ -168,7 +168,7 @@ def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path)
     if hasattr(model, "config"):
         model.config.use_cache = True
     if method == "full":
-        model.save_pretrained(out)
+        save_in_dtype(model, out, stored_dtype(input_dir))
     elif method == "adapter":
         bottleneck.save_adapters(model, out, base_model_name_or_path=base_ref)
     elif m.mergeable:
@@ -182,11 +182,42 @@ def save_output(model, tokenizer, method: str, out: Path, input_dir: str | Path)
         # their rounding into the output: merge into the fp32 input weights instead
         merged = (merge_into_full_precision(model, input_dir, out / "adapter")
                   if method == "qlora" or frozen_in_16bit(model) else model.merge_and_unload())
-        merged.save_pretrained(out)
+        save_in_dtype(merged, out, stored_dtype(input_dir))
     else:
         model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# the dtypes a stage output may be written in: what a checkpoint's config names, as torch dtypes
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stored_dtype(input_dir: str | Path) -> torch.dtype:
+    """The dtype the stage's input weights are stored in (its full-weights folder's config.json `dtype`, or
+    `torch_dtype` as transformers 4 wrote it); float32 when it names none or another type. Training runs on fp32
+    master weights whatever this is; the output is written back in it, so a bf16 base gives bf16 outputs of
+    its own size, not fp32 ones twice as large."""
+    try:
+        config = read_json(Path(full_weights_of(input_dir)[0]) / "config.json")
+    except (OSError, UserError, ValueError):
+        return torch.float32
+    return STORED_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+
+
+def save_in_dtype(model, out: Path, dtype: torch.dtype) -> None:
+    """`model.save_pretrained(out)` with its floating-point weights in `dtype`: a cast copy of the state dict (the
+    model in memory keeps its fp32 weights for whatever runs after the save), and config.json saying so. fp32 as
+    trained: the plain save, unchanged."""
+    if dtype == torch.float32 or not any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model.save_pretrained(out)
+        return
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    # save_pretrained writes the dtype of the parameters in memory (fp32); the file holds `dtype`
+    config = read_json(Path(out) / "config.json")
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (Path(out) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict:
