@@ -1,6 +1,7 @@
 """One precision knob (params/base.yaml `precision`, refinery/modeling/precision.py): what `auto` picks, what
 a machine cannot run is refused, bf16 training still learns with fp32 master weights, and every stage reads
 the resolved value."""
+import copy
 import shutil
 from pathlib import Path
 
@@ -166,14 +167,9 @@ def test_a_bf16_base_gives_bf16_outputs(tiny_base, tmp_path, method):
         with torch.no_grad():  # "training": every weight moves, the adapter's B included
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        trained = {k: v.clone() for k, v in (model.merge_and_unload() if method == "lora" else model).state_dict().items()}
-        if method == "lora":  # merge_and_unload folded the adapter in place: build the same model again to save
-            torch.manual_seed(0)
-            model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  task_type="CAUSAL_LM"))
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.01 * torch.randn_like(p))
+        # the trained weights as fp32 tensors (a LoRA model merged on a copy: merge_and_unload folds in place)
+        trained = (copy.deepcopy(model).merge_and_unload() if method == "lora" else model).state_dict()
+        trained = {k: v.clone() for k, v in trained.items()}
         out = tmp_path / f"out-{method}-{dtype}"
         save_output(model, tok, method, out, base)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the model in memory: as trained
